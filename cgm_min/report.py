@@ -1,0 +1,87 @@
+"""Small helpers every notebook uses: presets, metrics.json, figures in one style.
+
+A notebook's `parameters` cell sets PRESET, SEED and OUT_DIR; it then calls `choose_preset` with its own
+table of presets, writes its numbers with `write_metrics` and its figures with `save_figure`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+# One colour per role, used by every figure in the book.
+COLORS = {
+    "pt": "#1f77b4",        # pre-trained / pre-training loss (blue, as in the paper's Fig. 2)
+    "ft": "#ff7f0e",        # fine-tuned / fine-tuning loss (orange)
+    "cgm": "#2ca02c",       # CGM soft mixing
+    "cgm_dagger": "#d62728",  # CGM-dagger hard mixing
+    "linear": "#7f7f7f",    # straight interpolation
+    "magnitude": "#9467bd",
+    "exact": "#000000",
+}
+
+
+def choose_preset(name: str, presets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The settings of preset `name`, or a ValueError that lists the presets this notebook knows."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; this notebook knows {sorted(presets)}")
+    return dict(presets[name])
+
+
+def _plain(x: Any) -> Any:
+    """numpy / torch scalars and arrays -> JSON values; NaN and Inf are refused (they hide bugs)."""
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f"metrics must be finite numbers, got {x}")
+    return x
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write OUT_DIR/metrics.json atomically (a crash never leaves half a file)."""
+    path = Path(out_dir) / "metrics.json"
+    text = json.dumps(_plain(metrics), indent=2, sort_keys=True)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path
+
+
+def read_metrics(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.json in {out_dir}: run the notebook first")
+    return json.loads(path.read_text())
+
+
+def set_style() -> None:
+    """The book's plotting style: seaborn's whitegrid, readable font sizes, tight layout."""
+    import matplotlib
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=1.0)
+    matplotlib.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.titleweight": "bold",
+                                "figure.autolayout": True, "legend.frameon": True})
+
+
+def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
+    """Save a matplotlib figure as OUT_DIR/<name>.png (atomically)."""
+    path = Path(out_dir) / f"{name}.png"
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    return path
