@@ -80,14 +80,15 @@ def revert_ratio(h_pt: Tensor, h_ft: Tensor, alpha: float) -> Tensor:
 def soft_mix(w_pt: Tensor, w_ft: Tensor, h_pt: Tensor, h_ft: Tensor, alpha: float, name: str = "tensor") -> Tensor:
     """CGM: w = w_ft + lam * (w_pt - w_ft), entry by entry, with lam from Eq. 8.
 
-    Computed in float32 (float64 if the weights are float64) and returned in w_ft's dtype.
+    Computed in float32 (float64 if the weights are float64) and returned in w_ft's dtype. torch.lerp
+    evaluates the same formula but is exact at the ends: lam = 0 gives w_ft and lam = 1 gives w_pt
+    bit for bit (w_ft + (w_pt - w_ft) is not always w_pt in floating point).
     """
     check_hyperparameters(alpha)
     check_mix_inputs(w_pt, w_ft, h_pt, h_ft, name)
     dt = torch.promote_types(w_ft.dtype, torch.float32)
     lam = revert_ratio(h_pt.to(dt), h_ft.to(dt), alpha)
-    w_ft32 = w_ft.to(dt)
-    return (w_ft32 + lam * (w_pt.to(dt) - w_ft32)).to(w_ft.dtype)
+    return torch.lerp(w_ft.to(dt), w_pt.to(dt), lam).to(w_ft.dtype)
 
 
 def closed_form(w_pt: Tensor, w_ft: Tensor, H_pt: Tensor, H_ft: Tensor, alpha: float) -> Tensor:
@@ -97,7 +98,8 @@ def closed_form(w_pt: Tensor, w_ft: Tensor, H_pt: Tensor, H_ft: Tensor, alpha: f
           = (H_ft + alpha H_pt)^{-1} (H_ft w_ft + alpha H_pt w_pt).
 
     `w_*` are vectors (d,). `H_*` are (d, d) matrices, or (d,) vectors meaning diagonal matrices; the
-    diagonal case is exactly `soft_mix` (the same rule for entries without curvature).
+    diagonal case is exactly `soft_mix` (the same rule for entries without curvature). Only the symmetric
+    part of a matrix enters a quadratic form, so (H + H^T)/2 is used.
     """
     check_hyperparameters(alpha)
     if w_pt.shape != w_ft.shape or w_ft.dim() != 1:
@@ -108,13 +110,17 @@ def closed_form(w_pt: Tensor, w_ft: Tensor, H_pt: Tensor, H_ft: Tensor, alpha: f
     d = w_ft.shape[0]
     for label, H in (("H_pt", H_pt), ("H_ft", H_ft)):
         if H.shape != (d, d):
-            raise ValueError(f"closed_form: {label} must be ({d}, {d}) or ({d},), got {tuple(H.shape)}")
-        if not torch.isfinite(H).all():
+            raise ValueError(f"closed_form: {label} must be ({d}, {d}) (or both H_pt and H_ft ({d},) vectors), "
+                             f"got {tuple(H.shape)}")
+    for label, t in (("w_pt", w_pt), ("w_ft", w_ft), ("H_pt", H_pt), ("H_ft", H_ft)):
+        if not torch.isfinite(t).all():
             raise ValueError(f"closed_form: {label} contains NaN or Inf")
+    H_pt, H_ft = (H_pt + H_pt.mT) / 2, (H_ft + H_ft.mT) / 2
     A = H_ft + alpha * H_pt
     b = H_ft @ w_ft + alpha * (H_pt @ w_pt)
-    if torch.linalg.matrix_rank(A) < d:
-        raise ValueError("closed_form: H_ft + alpha*H_pt is singular, the joint quadratic has no unique minimiser")
+    if torch.linalg.matrix_rank(A, hermitian=True) < d or torch.linalg.cholesky_ex(A).info != 0:
+        raise ValueError("closed_form: H_ft + alpha*H_pt is not positive definite (singular or with negative "
+                         "curvature), the joint quadratic has no unique minimiser")
     return torch.linalg.solve(A, b)
 
 
@@ -123,9 +129,11 @@ def closed_form(w_pt: Tensor, w_ft: Tensor, H_pt: Tensor, H_ft: Tensor, alpha: f
 
 def hard_mix_score(w_pt: Tensor, w_ft: Tensor, h_pt: Tensor, h_ft: Tensor, alpha: float) -> Tensor:
     """Eq. 12: c = 1/2 (h_ft - alpha*h_pt) * delta^2, the change of the joint loss when one entry is
-    reverted (m_i: 0 -> 1). Negative scores lower the joint loss; the lowest are reverted first."""
-    delta = w_pt.float() - w_ft.float()
-    return 0.5 * (h_ft.float() - alpha * h_pt.float()) * delta ** 2
+    reverted (m_i: 0 -> 1). Negative scores lower the joint loss; the lowest are reverted first.
+    Computed in float32, or float64 if the weights are float64."""
+    dt = torch.promote_types(w_ft.dtype, torch.float32)
+    delta = w_pt.to(dt) - w_ft.to(dt)
+    return 0.5 * (h_ft.to(dt) - alpha * h_pt.to(dt)) * delta ** 2
 
 
 def revert_count(n: int, k: float) -> int:
@@ -140,6 +148,8 @@ def select_lowest(score: Tensor, k: float, per_row: bool = True) -> Tensor:
     O(n) selection: kthvalue finds the threshold, entries below it are taken and ties at it are taken in
     index order (lowest index first), so the mask is deterministic.
     """
+    if score.numel() == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
     rows = score.reshape(score.shape[0], -1) if (per_row and score.dim() > 1) else score.reshape(1, -1)
     m = revert_count(rows.shape[1], k)
     if m == 0:
@@ -255,12 +265,15 @@ def _selected_parameters(model: torch.nn.Module, param_names: Iterable[str] | No
 
 
 class _GradientsOnly:
-    """Context: eval mode, gradients enabled exactly on the chosen parameters, everything restored after."""
+    """Context: eval mode, gradients enabled exactly on the chosen parameters (also when the caller runs
+    under torch.no_grad()), everything restored after."""
 
     def __init__(self, model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter]):
         self.model, self.chosen = model, {id(p) for p in params.values()}
+        self.grad_mode = torch.enable_grad()
 
     def __enter__(self):
+        self.grad_mode.__enter__()
         self.training = self.model.training
         self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.model.eval()
@@ -272,6 +285,7 @@ class _GradientsOnly:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         self.model.train(self.training)
+        self.grad_mode.__exit__(*exc)
 
 
 def diag_fisher(model: torch.nn.Module, batches: Iterable[Mapping], param_names: Iterable[str] | None = None,

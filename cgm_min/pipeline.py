@@ -51,6 +51,9 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
     (out / "executed").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
     target = out / "executed" / f"{name}.ipynb"
+    # The kernel "python3" must be this interpreter's, not one a user registered elsewhere.
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(Path(sys.prefix) / "share" / "jupyter"),
+                                                  os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         plain = Path(tmp) / f"{name}.ipynb"
         jupytext.write(jupytext.read(src), plain)

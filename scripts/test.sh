@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test suite: set up the environment (and headless Chromium for the book test), then run pytest:
+# unit tests of the math, the notebooks at preset `tiny` with papermill, the offline book build and the
+# browser check of the built pages. Extra arguments go to pytest (e.g. `-m "not slow"` for the unit part).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser test ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium not found and cannot be installed here; the browser test will be skipped" >&2
+  fi
+fi
+if command -v chromium >/dev/null 2>&1; then export CGM_REQUIRE_BROWSER=1; fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg
+exec .venv/bin/python -m pytest -ra "$@"

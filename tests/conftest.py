@@ -1,0 +1,31 @@
+"""Shared fixtures. The notebook runs are expensive, so all notebooks are executed once per test session
+at the CI preset (`tiny`) and every notebook test reads the resulting metrics.json files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cgm_min import pipeline
+from cgm_min.report import read_metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """Output folder of all notebooks executed with papermill at preset `tiny` (see cgm_min.pipeline).
+
+    Set CGM_TINY_RUN to an existing output folder to reuse a previous run while iterating on tests.
+    """
+    reuse = os.environ.get("CGM_TINY_RUN")
+    if reuse:
+        return Path(reuse)
+    out = tmp_path_factory.mktemp("tiny_run")
+    pipeline.execute_all("tiny", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def notebook_metrics(tiny_run):
+    """notebook_metrics('01_toy_quadratics') -> that notebook's metrics.json as a dict."""
+    return lambda name: read_metrics(tiny_run / "results" / name)

@@ -1,0 +1,59 @@
+"""The notebook pipeline and report helpers: conventions every notebook follows, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import jupytext
+import pytest
+
+from cgm_min import pipeline, report
+
+
+@pytest.mark.parametrize("name", pipeline.notebook_names())
+def test_notebook_has_one_parameters_cell(name):
+    nb = jupytext.read(pipeline.NOTEBOOK_DIR / f"{name}.md")
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name}: expected exactly one cell tagged `parameters`, found {len(tagged)}"
+    for var in ("PRESET", "SEED", "OUT_DIR"):
+        assert f"{var} =" in tagged[0].source, f"{name}: the parameters cell does not set {var}"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.lstrip().startswith("# "), \
+        f"{name}: the first cell should be the chapter title"
+
+
+def test_notebooks_are_the_books_chapters():
+    toc = (pipeline.BOOK_DIR / "_toc.yml").read_text()
+    for name in pipeline.notebook_names():
+        assert f"notebooks/{name}" in toc, f"{name} is not in book/_toc.yml"
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        pipeline.execute_notebook(pipeline.notebook_names()[0], "huge", tmp_path)
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*this notebook knows"):
+        report.choose_preset("huge", {"tiny": {}, "cpu": {}})
+
+
+def test_unknown_notebook_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no notebook 99_missing.md"):
+        pipeline.execute_notebook("99_missing", "tiny", tmp_path)
+    with pytest.raises(ValueError, match="unknown notebooks"):
+        pipeline.execute_all("tiny", tmp_path, only=["99_missing"])
+
+
+def test_book_build_needs_executed_notebooks(tmp_path):
+    (tmp_path / "html").mkdir()
+    (tmp_path / "html" / "index.html").write_text("previous book")
+    with pytest.raises(FileNotFoundError, match="executed notebooks missing"):
+        pipeline.build_book(tmp_path)
+    assert (tmp_path / "html" / "index.html").read_text() == "previous book"
+
+
+def test_metrics_are_written_whole_and_finite(tmp_path):
+    path = report.write_metrics(tmp_path, {"a": 1.5, "b": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": [1, 2]}
+    with pytest.raises(ValueError, match="finite"):
+        report.write_metrics(tmp_path, {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": [1, 2]}, "a failed write must not touch the file"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary files may be left"
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        report.read_metrics(tmp_path / "nowhere")
