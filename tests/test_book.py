@@ -48,7 +48,8 @@ def test_internal_links_resolve(book):
                 url = el.get(attr)
                 if not url or urlparse(url).scheme in ("http", "https", "mailto", "data", "javascript"):
                     continue
-                path, _, anchor = url.partition("#")
+                parts = urlparse(url)
+                path, anchor = parts.path, parts.fragment
                 target = (page.parent / unquote(path)).resolve() if path else page
                 if not target.exists():
                     broken.append(f"{page.relative_to(book)}: {url} (no file)")
