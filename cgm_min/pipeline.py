@@ -51,7 +51,9 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
     (out / "executed").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
     target = out / "executed" / f"{name}.ipynb"
-    # The kernel "python3" must be this interpreter's, not one a user registered elsewhere.
+    # The kernel "python3" must be this interpreter's, not one a user registered elsewhere; and a
+    # non-interactive MPLBACKEND (e.g. Agg) would stop the kernel from putting figures in the notebook.
+    os.environ.pop("MPLBACKEND", None)
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(Path(sys.prefix) / "share" / "jupyter"),
                                                   os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -78,6 +80,15 @@ def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int
     return paths
 
 
+def figures_without_image(executed_notebook: Path) -> list[str]:
+    """Names of the labelled figure cells (mystnb.figure.name) of an executed notebook with no PNG output."""
+    import nbformat
+    nb = nbformat.read(executed_notebook, as_version=4)
+    return [c.metadata["mystnb"]["figure"].get("name", "?") for c in nb.cells
+            if c.cell_type == "code" and "figure" in c.metadata.get("mystnb", {})
+            and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+
+
 def build_book(out: Path) -> Path:
     """Build the Jupyter Book (offline, warnings are errors) from book/ plus out/executed/*.ipynb.
 
@@ -90,6 +101,10 @@ def build_book(out: Path) -> Path:
     if missing:
         raise FileNotFoundError(f"executed notebooks missing in {executed}: {missing}; "
                                 "run `python -m cgm_min.pipeline notebooks` first")
+    blank = {n: f for n in notebook_names() if (f := figures_without_image(executed / f"{n}.ipynb"))}
+    if blank:
+        raise RuntimeError(f"figure cells produced no image: {blank}; was the notebook run with a "
+                           "non-interactive MPLBACKEND, or did the cell not call plt.show()?")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         stage = Path(tmp) / "book"

@@ -14,5 +14,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 if command -v chromium >/dev/null 2>&1; then export CGM_REQUIRE_BROWSER=1; fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec .venv/bin/python -m pytest -ra "$@"

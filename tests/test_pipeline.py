@@ -57,3 +57,14 @@ def test_metrics_are_written_whole_and_finite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary files may be left"
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         report.read_metrics(tmp_path / "nowhere")
+
+
+def test_figure_cells_without_image_are_found(tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    shown = nbformat.v4.new_code_cell("plot()", metadata={"mystnb": {"figure": {"name": "fig-shown"}}})
+    shown.outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})]
+    blank = nbformat.v4.new_code_cell("plot()", metadata={"mystnb": {"figure": {"name": "fig-blank"}}})
+    nb.cells = [shown, blank, nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    assert pipeline.figures_without_image(tmp_path / "nb.ipynb") == ["fig-blank"]
