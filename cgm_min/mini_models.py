@@ -137,10 +137,10 @@ def build_processor(family: str, corpus: Iterable[str] | None = None, vocab_size
 SIZES = {
     # hidden sizes and depths; ~1.2-1.6 M parameters. "small" is the shipped size.
     "small": dict(vision_hidden=128, vision_layers=2, vision_ffn=512, text_hidden=128, text_layers=4, text_ffn=336,
-                  heads=4, kv_heads=4),
+                  heads=4, kv_heads=4, qwen_vision_ffn=256),
     # a few-tensor model for unit tests
     "test": dict(vision_hidden=32, vision_layers=1, vision_ffn=64, text_hidden=32, text_layers=2, text_ffn=64,
-                 heads=2, kv_heads=2),
+                 heads=2, kv_heads=2, qwen_vision_ffn=64),
 }
 
 
@@ -176,7 +176,7 @@ def build_model(family: str, processor, size: str = "small", seed: int = 0, **ov
                              bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                              pad_token_id=ids("<|endoftext|>")),
             vision_config=dict(depth=s["vision_layers"], hidden_size=s["vision_hidden"],
-                               intermediate_size=s["vision_ffn"], num_heads=s["heads"],
+                               intermediate_size=s["qwen_vision_ffn"], num_heads=s["heads"],   # gated MLP
                                out_hidden_size=s["text_hidden"], patch_size=4, spatial_merge_size=2,
                                temporal_patch_size=2, window_size=IMAGE_SIZE,
                                fullatt_block_indexes=[s["vision_layers"] - 1]),

@@ -189,21 +189,25 @@ def _r_position(lat):
 def _d_presence(rng):
     n = int(rng.integers(1, 4))
     quads = rng.permutation(4)[:n]
-    shapes = rng.permutation(len(SHAPES))[:n]
-    objs = [_object(rng, quadrant=q, shape=SHAPES[s]) for q, s in zip(quads, shapes)]
+    cols = rng.permutation(len(COLOURS))[:n]
+    objs = [_object(rng, quadrant=q, colour=list(COLOURS)[c]) for q, c in zip(quads, cols)]
     present = bool(rng.integers(2))
     if present:
-        query = objs[int(rng.integers(n))]["shape"]
+        query = objs[int(rng.integers(n))]["colour"]
     else:
-        absent = [s for s in SHAPES if s not in {o["shape"] for o in objs}]
+        absent = [c for c in COLOURS if c not in {o["colour"] for o in objs}]
         query = absent[int(rng.integers(len(absent)))]
     lat = {"objects": objs, "background": _background(rng), "query": query}
     return lat, _scene_key(objs, lat["background"]) + query
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def _r_presence(lat):
-    present = any(o["shape"] == lat["query"] for o in lat["objects"])
-    return _scene(lat), f"Is there a {lat['query']} in the image? Answer yes or no.", "yes" if present else "no"
+    present = any(o["colour"] == lat["query"] for o in lat["objects"])
+    return _scene(lat), f"Is there {_a(lat['query'])} object in the image? Answer yes or no.", "yes" if present else "no"
 
 
 def _d_count(rng):
@@ -237,8 +241,8 @@ def _d_choice(rng):
 
 
 def _r_choice(lat):
-    opts = "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, lat["options"]))
-    q = f"Which colour is the object?\n{opts}\nAnswer with the letter."
+    opts = " ".join(f"({L}) {c}" for L, c in zip(LETTERS, lat["options"]))
+    q = f"Which colour is the object? {opts}. Answer with a letter."
     return _scene(lat), q, LETTERS[lat["options"].index(lat["objects"][0]["colour"])]
 
 
@@ -277,7 +281,7 @@ def _r_code(lat):
 def _r_caption(lat):
     o = lat["objects"][0]
     side = "left" if o["quadrant"] % 2 == 0 else "right"
-    return _scene(lat), "Describe the image in one sentence.", f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']} on the {side}."
+    return _scene(lat), "Describe the image in one sentence.", f"{_a(o['colour'])} {o['shape']} on the {side}."
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -287,15 +291,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "What shape is the object?", _one_object, _r_shape, SHAPES),
     Task("position", "general", "GQA (spatial relations)", "say whether the object is left or right",
          "Is the object on the left or the right?", _one_object, _r_position, ("left", "right")),
-    Task("presence", "general", "POPE (object hallucination, yes/no)", "is a named shape present among 1-3 objects",
-         "Is there a {shape} in the image? Answer yes or no.", _d_presence, _r_presence, ("yes", "no")),
+    Task("presence", "general", "POPE (object existence, yes/no)", "is an object of a named colour among 1-3 objects",
+         "Is there a {colour} object in the image? Answer yes or no.", _d_presence, _r_presence, ("yes", "no")),
     Task("count", "general", "VQAv2 (counting)", "count 1-4 objects",
          "How many objects are there?", _d_count, _r_count, ("1", "2", "3", "4")),
     Task("addition", "general", "text-only language skill (ScienceQA-style reasoning, no visual input)",
          "add two one-digit numbers; the image is blank",
          "What is {a} plus {b}?", _d_addition, _r_addition, tuple(str(i) for i in range(19))),
     Task("choice", "general", "MMBench (lettered multiple choice)", "pick the letter of the object's colour",
-         "Which colour is the object?\\nA. ...\\nB. ...\\nC. ...\\nAnswer with the letter.", _d_choice, _r_choice,
+         "Which colour is the object? (A) ... (B) ... (C) .... Answer with a letter.", _d_choice, _r_choice,
          LETTERS),
     Task("digit", "general", "TextVQA / VizWiz (reading)", "read a real handwritten digit (scikit-learn digits)",
          "Which digit is written here?", _d_digit, _r_digit, tuple(str(i) for i in range(10)), finite_rows=1797),

@@ -75,7 +75,9 @@ def teacher_forced(model, encoder: mm.Encoder, samples: Sequence[mt.Sample], bat
     model.eval()
     exact, relaxed = [], []
     try:
+        dev = next(model.parameters()).device
         for b in batches(encoder, samples, batch_size):
+            b = b.to(dev)
             labels = b["labels"]
             logits = model(**b).logits
             pred, tgt = logits[:, :-1].argmax(-1), labels[:, 1:]
@@ -98,7 +100,7 @@ def generate(model, encoder: mm.Encoder, samples: Sequence[mt.Sample], max_new_t
     try:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            b = encoder.prompts(chunk)
+            b = encoder.prompts(chunk).to(next(model.parameters()).device)
             gen = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=encoder.end_id, pad_token_id=encoder.tok.pad_token_id)
             for row in gen[:, b["input_ids"].shape[1]:].tolist():
@@ -162,6 +164,7 @@ class PretrainConfig:
     threads: int = 1
     world_seed: int = 0
     vocab_size: int = 1024
+    device: str = "cpu"
 
 
 def _versions() -> dict:
@@ -183,6 +186,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, stop_after: int
         processor = mm.build_processor(cfg.family, vocab_size=cfg.vocab_size)
     if model is None:
         model = mm.build_model(cfg.family, processor, size=cfg.size, seed=cfg.seed)
+    model.to(cfg.device)
     enc = mm.Encoder(processor, cfg.family)
     eval_sets = mt.eval_set(cfg.tasks, "heldout", cfg.eval_n, cfg.world_seed) if cfg.eval_every else {}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -196,7 +200,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, stop_after: int
     for step in bar:
         ts = time.perf_counter()
         samples = train_batch(cfg.tasks, step, cfg.batch_size, cfg.seed, "pretrain", cfg.task_weights, cfg.world_seed)
-        b = enc.batch(samples)
+        b = enc.batch(samples).to(cfg.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         loss = model(**b).loss
@@ -220,7 +224,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, stop_after: int
     model.eval()
     if out is not None:
         out = Path(out)
-        mm.save_family(model, processor, out)
+        mm.save_family(model.cpu() if cfg.device != "cpu" else model, processor, out)
+        model.to(cfg.device)
         (out / "log.json").write_text(json.dumps(log, indent=1))
     return model, processor, log
 
@@ -278,9 +283,10 @@ def finetune(model, processor, cfg: FinetuneConfig, progress: bool = True):
         for step in tqdm(range(cfg.steps), desc=f"finetune {cfg.target}", disable=not progress, mininterval=10):
             samples = train_batch((cfg.target,), step, cfg.batch_size, cfg.seed, f"finetune/{cfg.target}",
                                   world_seed=cfg.world_seed)
-            b = enc.batch(samples)
+            dev = next(model.parameters()).device
+            b = enc.batch(samples).to(dev)
             if cfg.fisher_during and cfg.fisher_per_step > 0:
-                sub = enc.batch(samples[:cfg.fisher_per_step])
+                sub = enc.batch(samples[:cfg.fisher_per_step]).to(dev)
                 f = diag_fisher(model, [sub], names, progress=False)
                 m = min(cfg.fisher_per_step, len(samples))
                 h_sum = {n: v * m for n, v in f.items()} if h_sum is None else {n: h_sum[n] + f[n] * m for n in f}
@@ -341,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="comma-separated task weights")
     p.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
     p.add_argument("--eval-n", type=int, default=PretrainConfig.eval_n)
+    p.add_argument("--device", default="cpu", help="torch device (the shipped weights are trained on cpu)")
     f = sub.add_parser("finetune", help="fine-tune the merge set on a target task")
     f.add_argument("--base", required=True)
     f.add_argument("--target", required=True, choices=list(mt.TASKS))
@@ -365,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = PretrainConfig(family=a.family, seed=a.seed, steps=a.steps, lr=a.lr, warmup=a.warmup,
                              batch_size=a.batch_size, size=a.size, tasks=tasks,
                              task_weights=None if a.weights is None else tuple(float(w) for w in a.weights.split(",")),
-                             eval_every=a.eval_every, eval_n=a.eval_n, threads=a.threads)
+                             eval_every=a.eval_every, eval_n=a.eval_n, threads=a.threads, device=a.device)
         _, _, log = pretrain(cfg, a.out, stop_after=a.stop_after)
         if log["evals"]:
             last = log["evals"][-1]
