@@ -22,5 +22,8 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 echo "installing into $VENV (about 2 minutes on a fresh machine) ..."
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[all]"
+# lmms-eval without its declared dependencies (they pull torchvision + a CUDA torch); what our evaluation
+# path needs of them is in the `eval` extra above.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps lmms-eval==0.7.3
 echo "$want" > "$stamp"
 echo "environment $VENV ready"
