@@ -137,10 +137,10 @@ def build_processor(family: str, corpus: Iterable[str] | None = None, vocab_size
 SIZES = {
     # hidden sizes and depths; ~1.2-1.6 M parameters. "small" is the shipped size.
     "small": dict(vision_hidden=128, vision_layers=2, vision_ffn=512, text_hidden=128, text_layers=4, text_ffn=336,
-                  heads=4, kv_heads=4, qwen_vision_ffn=256),
+                  heads=4, kv_heads=4, qwen_vision_ffn=256, tie_embeddings=False),
     # a few-tensor model for unit tests
     "test": dict(vision_hidden=32, vision_layers=1, vision_ffn=64, text_hidden=32, text_layers=2, text_ffn=64,
-                 heads=2, kv_heads=2, qwen_vision_ffn=64),
+                 heads=2, kv_heads=2, qwen_vision_ffn=64, tie_embeddings=False),
 }
 
 
@@ -161,7 +161,7 @@ def build_model(family: str, processor, size: str = "small", seed: int = 0, **ov
                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                     eos_token_id=tok.eos_token_id),
             image_token_index=ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
-            projector_hidden_act="gelu")
+            projector_hidden_act="gelu", tie_word_embeddings=s["tie_embeddings"])
         cls = LlavaForConditionalGeneration
     else:
         head_dim = s["text_hidden"] // s["heads"]
@@ -181,7 +181,8 @@ def build_model(family: str, processor, size: str = "small", seed: int = 0, **ov
                                temporal_patch_size=2, window_size=IMAGE_SIZE,
                                fullatt_block_indexes=[s["vision_layers"] - 1]),
             image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=s["tie_embeddings"])
         cls = Qwen2_5_VLForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -312,6 +313,10 @@ class Encoder:
     def answer_text(self, answer: str) -> str:
         return ANSWER_PREFIX[self.family] + answer + self.end
 
+    def full_text(self, sample) -> str:
+        """Prompt + answer + end token as one string (what `batch` encodes, as text)."""
+        return self.prompt(sample.question) + self.answer_text(sample.answer)
+
     def _call(self, images, texts, side):
         self.tok.padding_side = side
         try:
@@ -319,23 +324,33 @@ class Encoder:
         finally:
             self.tok.padding_side = "right"
 
-    def batch(self, samples: Sequence, with_answers: bool = True):
+    def batch(self, samples: Sequence, with_answers: bool = True, answer_ids: Sequence[Sequence[int]] | None = None):
+        """Right-padded model inputs. The processor encodes image + prompt; the answer's token ids (answer
+        prefix + answer + end token, or `answer_ids` when given) are appended, so the label positions never
+        depend on how a tokenizer would split the prompt/answer boundary."""
         images = [s.image for s in samples]
+        enc = self._call(images, [self.prompt(s.question) for s in samples], "right")
         if not with_answers:
-            return self._call(images, [self.prompt(s.question) for s in samples], "right")
-        texts = [self.prompt(s.question) + self.answer_text(s.answer) for s in samples]
-        enc = self._call(images, texts, "right")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        labels = torch.full_like(ids, -100)
-        lengths = mask.sum(1).tolist()
-        for i, s in enumerate(samples):
-            a = self.answer_ids(s.answer)
-            L = lengths[i]
-            if ids[i, L - len(a):L].tolist() != a:
-                raise ValueError(f"answer tokens of {s.question!r} -> {s.answer!r} are not a suffix of the "
-                                 "tokenised text (tokenisation across the prompt/answer boundary)")
-            labels[i, L - len(a):L] = ids[i, L - len(a):L]
-        enc["labels"] = labels
+            return enc
+        answers = [self.answer_ids(s.answer) for s in samples] if answer_ids is None else [list(a) for a in answer_ids]
+        lengths = enc["attention_mask"].sum(1).tolist()
+        width = max(L + len(a) for L, a in zip(lengths, answers))
+        n = len(samples)
+        ids = torch.full((n, width), self.tok.pad_token_id, dtype=enc["input_ids"].dtype)
+        mask = torch.zeros((n, width), dtype=enc["attention_mask"].dtype)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        extra = {k: torch.zeros((n, width), dtype=enc[k].dtype) for k in ("mm_token_type_ids", "token_type_ids")
+                 if k in enc}
+        for i, (L, a) in enumerate(zip(lengths, answers)):
+            ids[i, :L] = enc["input_ids"][i, :L]
+            ids[i, L:L + len(a)] = torch.tensor(a, dtype=ids.dtype)
+            mask[i, :L + len(a)] = 1
+            labels[i, L:L + len(a)] = ids[i, L:L + len(a)]
+            for k, v in extra.items():
+                v[i, :L] = enc[k][i, :L]
+        enc["input_ids"], enc["attention_mask"], enc["labels"] = ids, mask, labels
+        for k, v in extra.items():
+            enc[k] = v
         return enc
 
     def prompts(self, samples: Sequence):
