@@ -55,7 +55,7 @@ def config_from_log(log: dict) -> tr.PretrainConfig:
     return tr.PretrainConfig(**cfg)
 
 
-def ship(run: Path, dest: Path, command: str) -> Path:
+def ship(run: Path, dest: Path, command: str, code_commit: str | None = None) -> Path:
     """Copy a finished pre-training run into `dest` with its manifest. Refuses an unfinished run and an
     existing `dest`; writes into a temporary folder and renames it, so `dest` is never half written."""
     run, dest = Path(run), Path(dest)
@@ -83,7 +83,8 @@ def ship(run: Path, dest: Path, command: str) -> Path:
              "scores": e["scores"]} for e in log["evals"]]}
         (stage / "curves.json").write_text(json.dumps(curves))
         manifest = {
-            "family": cfg.family, "command": command, "seed": cfg.seed, "config": log["config"],
+            "family": cfg.family, "command": command, "code_commit": code_commit, "seed": cfg.seed,
+            "config": log["config"],
             "versions": log["versions"], "n_params": log["n_params"], "data_sha256": data_hash(cfg),
             "heldout_n_per_task": cfg.eval_n, "heldout_scores": final["scores"],
             "pre_avg_exact": final["pre_avg_exact"], "min_exact": final["min_exact"],
@@ -124,11 +125,12 @@ def main(argv=None) -> int:
     s.add_argument("--run", required=True)
     s.add_argument("--dest", required=True)
     s.add_argument("--command", required=True, help="the exact command that made the run")
+    s.add_argument("--code-commit", help="git commit of the code that made the run")
     v = sub.add_parser("verify", help="file hashes, and the first losses of a fresh run, against the manifest")
     v.add_argument("ckpt")
     a = ap.parse_args(argv)
     if a.cmd == "ship":
-        print(f"shipped {ship(Path(a.run), Path(a.dest), a.command)}")
+        print(f"shipped {ship(Path(a.run), Path(a.dest), a.command, a.code_commit)}")
         return 0
     bad = check_files(Path(a.ckpt))
     want = read_manifest(Path(a.ckpt))["first_losses"]
