@@ -51,17 +51,6 @@ def data_dir(tmp_path_factory):
                      verbose=False)
 
 
-@pytest.fixture(scope="module")
-def processors():
-    corpus = mt.tokenizer_corpus(per_task=60)
-    return {f: mm.build_processor(f, corpus) for f in mm.FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def models(processors):
-    return {f: mm.build_model(f, processors[f], size="test", seed=0) for f in mm.FAMILIES}
-
-
 def _file_hashes(d: Path) -> dict:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 

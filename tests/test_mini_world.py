@@ -15,17 +15,6 @@ from cgm_min import mini_tasks as mt
 from cgm_min import training as tr
 
 
-@pytest.fixture(scope="module")
-def processors():
-    corpus = mt.tokenizer_corpus(per_task=60)
-    return {f: mm.build_processor(f, corpus) for f in mm.FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def models(processors):
-    return {f: mm.build_model(f, processors[f], size="test", seed=0) for f in mm.FAMILIES}
-
-
 # ----------------------------------------------------------------------------------------------
 # Tasks.
 
