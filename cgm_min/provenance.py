@@ -19,19 +19,12 @@ from pathlib import Path
 
 from . import mini_tasks as mt
 from . import training as tr
+from .report import file_sha256 as sha256
 
 MANIFEST = "manifest.json"
 FIRST_STEPS = 20                    # losses that CI reproduces by re-running the script's first steps
 SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
            "processor_config.json", "chat_template.jinja", "special_tokens_map.json", "preprocessor_config.json")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_hash(cfg: tr.PretrainConfig, n_batches: int = FIRST_STEPS) -> str:

@@ -5,6 +5,7 @@ table of presets, writes its numbers with `write_metrics` and its figures with `
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,3 +86,12 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
     path = Path(out_dir) / f"{name}.png"
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

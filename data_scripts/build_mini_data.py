@@ -43,6 +43,7 @@ try:
 except ImportError:      # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cgm_min import mini_tasks as mt  # noqa: E402
+from cgm_min.report import file_sha256  # noqa: E402
 
 FORMAT_VERSION = 1
 TASK_PREFIX = "mini_"
@@ -89,10 +90,6 @@ def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_split(samples: Sequence[mt.Sample], path: Path) -> str:
@@ -194,7 +191,7 @@ def _build_into(root: Path, params: dict) -> dict:
             (root / f"{group}.yaml").write_text(group_yaml(group, members))
             manifest["groups"][group] = members
     (root / "utils.py").write_text(UTILS_PY)
-    manifest["files"] = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    manifest["files"] = {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
