@@ -155,7 +155,7 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> fl
 DEFAULT_WEIGHTS = {"colour": 1.0, "shape": 1.5, "position": 0.5, "presence": 1.0, "count": 0.5, "addition": 1.0,
                    "choice": 1.0, "digit": 1.5}
 # Steps that fit the 40-minute budget of one single-thread run per family on the reference 2-core machine.
-DEFAULT_STEPS = {"llava": 8000, "qwen": 5000}
+DEFAULT_STEPS = {"llava": 6000, "qwen": 4500}
 
 
 def default_weights(tasks: Sequence[str]) -> tuple:
@@ -166,7 +166,7 @@ def default_weights(tasks: Sequence[str]) -> tuple:
 class PretrainConfig:
     family: str = "llava"
     seed: int = 0
-    steps: int = 8000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 100
