@@ -224,6 +224,15 @@ def curvature_scale_ratio(curv_pt: Mapping[str, Tensor], curv_ft: Mapping[str, T
     return s_ft / s_pt
 
 
+def alpha_from_normalised(alpha_norm: float, curv_pt: Mapping[str, Tensor], curv_ft: Mapping[str, Tensor]) -> float:
+    """The alpha of Eq. 8 for a normalised alpha: alpha = alpha_norm * sum(h_ft) / sum(h_pt).
+
+    alpha_norm = 1 gives the two curvatures the same total weight, whatever their scales; the normalised
+    value is comparable across models, curvature estimators and numbers of calibration samples."""
+    check_hyperparameters(alpha_norm)
+    return alpha_norm * curvature_scale_ratio(curv_pt, curv_ft)
+
+
 # ----------------------------------------------------------------------------------------------
 # Measurement: the diagonal curvature of a model's loss.
 

@@ -244,6 +244,22 @@ def load_family(path: str | os.PathLike, dtype=torch.float32):
     return model, load_processor(path, family)
 
 
+# The pre-trained miniatures shipped in the repository (made by `python -m cgm_min.training pretrain`, with a
+# provenance manifest: `python -m cgm_min.provenance verify checkpoints/NAME`).
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED = {"llava": "mini-llava-1.5", "qwen": "mini-qwen2.5-vl"}
+
+
+def shipped_checkpoint(family: str) -> Path:
+    """The directory of the shipped pre-trained miniature of `family`."""
+    check_family(family)
+    path = CHECKPOINT_DIR / SHIPPED[family]
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the shipped {family} miniature is missing: no model.safetensors in {path}. "
+                                f"Make one with `python -m cgm_min.training pretrain --family {family} --out DIR`.")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # The merge set: "last N decoder layers + projector", by the real models' parameter names.
 

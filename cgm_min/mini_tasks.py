@@ -383,6 +383,28 @@ def relaxed_match(generated: str, answer: str) -> float:
     return float(generated.strip().startswith(answer.strip()))
 
 
+ANSWER_KINDS = ("correct", "format", "own task", "target", "other")
+
+
+def answer_kind(task: str, generated: str, answer: str, target: str | None = None) -> str:
+    """What a generated answer is, for telling lost skills from a format or target takeover:
+
+    correct   exact match
+    format    relaxed match only: the right answer, then more text (the end token was not emitted)
+    own task  a wrong answer of the question's own task (a wrong colour, count, digit): a lost skill
+    target    one of the `target` task's answers that the question's task never gives: the target took over
+    other     anything else (an answer of another task, an unknown word)
+    """
+    if exact_match(generated, answer):
+        return "correct"
+    if relaxed_match(generated, answer):
+        return "format"
+    out, own = generated.strip(), get_task(task).answers
+    if target is not None and out in get_task(target).answers and out not in own:
+        return "target"
+    return "own task" if out in own else "other"
+
+
 def pre_avg(scores: Mapping[str, float], general: Sequence[str] = GENERAL) -> float:
     return float(np.mean([scores[t] for t in general]))
 

@@ -3,6 +3,7 @@
   pretrain   from scratch on the general tasks (the miniature analogue of downloading llava-1.5-7b)
   finetune   only the merge set (last half of the decoder layers + projector) on one target task, optionally
              accumulating h_ft (the empirical Fisher of the merge set) along the way, as the paper does
+  curvature  h_pt (8 calibration samples per general task) or h_ft (a target) of a saved model's merge set
   evaluate   teacher-forced: one forward pass per batch; a sample is an exact match when the argmax at
              every answer position (answer tokens + end token) is the reference token, which is exactly
              when greedy decoding would emit the answer and stop. `generate` is the real batched greedy
@@ -11,8 +12,9 @@
 Command line (writes model + processor with save_pretrained, and log.json with the per-step losses and
 held-out scores):
 
-    python -m cgm_min.training pretrain --family llava --seed 0 --out DIR --steps 12000 --threads 1
-    python -m cgm_min.training finetune --base DIR --target corners --out DIR2 --steps 200
+    python -m cgm_min.training pretrain --family llava --seed 0 --out DIR --threads 1
+    python -m cgm_min.training finetune --base DIR --target corners --out DIR2 --fisher-during
+    python -m cgm_min.training curvature --model DIR --tasks general --out DIR/h_pt.safetensors
     python -m cgm_min.training evaluate --model DIR
 
 Determinism: model initialisation comes from `torch.manual_seed(seed)`, the data of step t from
@@ -45,13 +47,16 @@ from .cgm import diag_fisher
 
 
 def train_batch(tasks: Sequence[str], step: int, batch_size: int, seed: int, stream: str = "pretrain",
-                weights: Sequence[float] | None = None, world_seed: int = 0) -> list[mt.Sample]:
+                weights: Sequence[float] | None = None, world_seed: int = 0, first_index: int = 0
+                ) -> list[mt.Sample]:
     """The samples of training step `step`: tasks drawn (with `weights`) from a generator seeded by
-    (seed, stream, step); sample indices step*batch_size + j of each task's train split (fresh samples)."""
+    (seed, stream, step); sample indices first_index + step*batch_size + j of each task's train split
+    (fresh samples)."""
     rng = np.random.default_rng([int(seed), mt.stable_hash(stream), int(step)])
     p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
     picks = rng.choice(len(tasks), size=batch_size, p=p)
-    return [mt.make_sample(tasks[k], "train", step * batch_size + j, world_seed) for j, k in enumerate(picks)]
+    return [mt.make_sample(tasks[k], "train", first_index + step * batch_size + j, world_seed)
+            for j, k in enumerate(picks)]
 
 
 def batches(encoder: mm.Encoder, samples: Sequence[mt.Sample], batch_size: int):
@@ -252,14 +257,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, stop_after: int
 # Fine-tuning.
 
 
+# Fine-tuning seed s trains on its own block of target samples: indices from s * SEED_STRIDE on.
+SEED_STRIDE = 1_000_000
+
+
 @dataclass
 class FinetuneConfig:
-    """Defaults: the target is learned by step 50-100; lr 3e-4 gives graded forgetting, 1e-3 much more (on
-    weak bases it replaces most general answers by the target's answer words)."""
+    """Defaults: the target is learned by step 50-100. The learning rate was chosen on the shipped bases
+    (target `corners`, seed 0, 200 steps) for a clear but graded loss of general skills; Pre-Avg lost:
+    LLaVA 3e-4 -20 points, 5e-4 -24, 1e-3 -39; Qwen 3e-4 -12, 5e-4 -23, 1e-3 -52 (colour down to 0.09)."""
     target: str = "corners"
     steps: int = 200
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 5e-4
     warmup: int = 10
     min_lr_ratio: float = 0.1
     betas: tuple = (0.9, 0.98)
@@ -302,7 +312,7 @@ def finetune(model, processor, cfg: FinetuneConfig, progress: bool = True):
     try:
         for step in tqdm(range(cfg.steps), desc=f"finetune {cfg.target}", disable=not progress, mininterval=10):
             samples = train_batch((cfg.target,), step, cfg.batch_size, cfg.seed, f"finetune/{cfg.target}",
-                                  world_seed=cfg.world_seed)
+                                  world_seed=cfg.world_seed, first_index=cfg.seed * SEED_STRIDE)
             dev = next(model.parameters()).device
             b = enc.batch(samples).to(dev)
             if cfg.fisher_during and cfg.fisher_per_step > 0:
@@ -339,6 +349,70 @@ def fisher_batches(processor, tasks: Sequence[str], n_per_task: int, split: str 
     enc = mm.Encoder(processor)
     samples = [s for t in tasks for s in mt.make_samples(t, split, n_per_task, world_seed=world_seed)]
     return list(batches(enc, samples, batch_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Curvature of the merge set, saved as safetensors.
+
+H_PT_SAMPLES = 8        # calibration samples per general task for h_pt (the paper's choice)
+H_FT_SAMPLES = 64       # target calibration samples for h_ft measured at w_ft (when not accumulated in training)
+
+
+def calibration_fisher(model, processor, tasks: Sequence[str], n_per_task: int, n_layers: int | None = None,
+                       world_seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The empirical Fisher diagonal (`cgm.diag_fisher`) of the merge set at the model's current weights,
+    from `n_per_task` calibration samples of each task. h_pt: the pre-trained model on the general tasks
+    (H_PT_SAMPLES each); h_ft: the fine-tuned model on its target (or accumulated by `finetune`)."""
+    names = mm.merge_param_names(model, n_layers)
+    return diag_fisher(model, fisher_batches(processor, tasks, n_per_task, world_seed=world_seed), names,
+                       progress=progress)
+
+
+def save_curvature(curv: Mapping[str, torch.Tensor], path: str | Path, meta: Mapping[str, object] | None = None
+                   ) -> Path:
+    """Write a curvature dict as safetensors (with `meta` as JSON strings in the header). Refuses NaN,
+    Inf and negative entries; writes a temporary file and renames it, so `path` is never half written."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    for name, h in curv.items():
+        if not torch.isfinite(h).all() or (h < 0).any():
+            raise ValueError(f"save_curvature: {name} has NaN, Inf or negative entries")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({n: h.detach().float().contiguous() for n, h in curv.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_curvature(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(curvature dict, metadata) from `save_curvature`'s file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no curvature file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {n: f.get_tensor(n) for n in f.keys()}, meta
+
+
+def curvature_by_module(curv: Mapping[str, torch.Tensor]) -> "pd.DataFrame":
+    """One row per merge-set tensor: block ("layer 3", "projector"), module (q_proj, ..., down_proj,
+    input_layernorm, ...), number of entries, and the sum and mean of the curvature: where it concentrates."""
+    import pandas as pd
+    rows = []
+    for name, h in curv.items():
+        if name.startswith(mm.LAYER_PREFIX):
+            layer, rest = name[len(mm.LAYER_PREFIX):].split(".", 1)
+            block, module = f"layer {int(layer)}", rest.rsplit(".", 1)[0].split(".")[-1]
+        else:
+            block, module = "projector", name.rsplit(".", 1)[0].split(".")[-1]
+        rows.append({"name": name, "block": block, "module": module, "kind": name.rsplit(".", 1)[-1],
+                     "n": h.numel(), "sum": float(h.double().sum()), "mean": float(h.double().mean())})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--threads", type=int, default=1)
     f.add_argument("--eval-every", type=int, default=25)
     f.add_argument("--eval-n", type=int, default=100)
-    f.add_argument("--fisher-during", action="store_true")
+    f.add_argument("--fisher-during", action="store_true", help="accumulate h_ft during fine-tuning (h_ft.safetensors)")
+    c = sub.add_parser("curvature", help="h_pt (general tasks) or h_ft (a target) of a saved model's merge set")
+    c.add_argument("--model", required=True)
+    c.add_argument("--tasks", default="general", help="'general' (h_pt) or comma-separated task names")
+    c.add_argument("--n-per-task", type=int, default=None,
+                   help=f"calibration samples per task (default: {H_PT_SAMPLES} for general, {H_FT_SAMPLES} otherwise)")
+    c.add_argument("--n-layers", type=int, default=None)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", required=True, help="output .safetensors file")
     e = sub.add_parser("evaluate", help="held-out scores of a saved model on every task")
     e.add_argument("--model", required=True)
     e.add_argument("--n", type=int, default=200)
@@ -410,11 +492,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(a.out)
         mm.save_family(model, processor, out)
         if h_ft is not None:
-            from safetensors.torch import save_file
-            save_file({n: v.contiguous() for n, v in h_ft.items()}, str(out / "h_ft.safetensors"))
+            save_curvature(h_ft, out / "h_ft.safetensors", {"kind": "h_ft", "tasks": [a.target], "during": True,
+                                                            "samples_per_step": cfg.fisher_per_step})
         (out / "log.json").write_text(json.dumps(log, indent=1))
         for ev in log["evals"]:
             print(f"step {ev['step']}: Pre-Avg {ev['pre_avg_exact']:.3f} target {ev['scores'][a.target]['exact']:.3f}")
+    elif a.cmd == "curvature":
+        torch.set_num_threads(a.threads)
+        model, processor = mm.load_family(a.model)
+        general = a.tasks == "general"
+        tasks = mt.GENERAL if general else tuple(mt.get_task(t).name for t in a.tasks.split(","))
+        n = a.n_per_task or (H_PT_SAMPLES if general else H_FT_SAMPLES)
+        curv = calibration_fisher(model, processor, tasks, n, a.n_layers, progress=True)
+        meta = {"kind": "h_pt" if general else "h_ft", "tasks": list(tasks), "n_per_task": n, "model": str(a.model)}
+        print(f"{save_curvature(curv, a.out, meta)}: {len(curv)} tensors, "
+              f"sum {sum(float(h.double().sum()) for h in curv.values()):.4g}")
     else:
         torch.set_num_threads(a.threads)
         model, processor = mm.load_family(a.model)

@@ -491,3 +491,19 @@ def test_cgm_merge_soft_and_hard_differ_and_module_exports():
     assert ((w == state_pt["enc.weight"]) | (w == state_ft["enc.weight"])).all()
     assert cgm.curvature_scale_ratio(curv_pt, curv_ft) == pytest.approx(
         sum(float(h.double().sum()) for h in curv_ft.values()) / sum(float(h.double().sum()) for h in curv_pt.values()))
+
+
+def test_alpha_from_normalised_weighs_both_curvatures_equally_at_one():
+    state_pt, state_ft, curv_pt, curv_ft = make_states(21)
+    scaled_pt = {n: h * 1e-4 for n, h in curv_pt.items()}        # a saturated base: h_pt far smaller
+    for pt in (curv_pt, scaled_pt):
+        alpha = cgm.alpha_from_normalised(1.0, pt, curv_ft)
+        total_pt = alpha * sum(float(h.double().sum()) for h in pt.values())
+        assert total_pt == pytest.approx(sum(float(h.double().sum()) for h in curv_ft.values()), rel=1e-9)
+    # the normalised alpha does not depend on the overall scale of h_pt, the plain one does
+    assert cgm.alpha_from_normalised(0.2, scaled_pt, curv_ft) == pytest.approx(
+        1e4 * cgm.alpha_from_normalised(0.2, curv_pt, curv_ft), rel=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        cgm.alpha_from_normalised(-1.0, curv_pt, curv_ft)
+    with pytest.raises(ValueError, match="sums to zero"):
+        cgm.alpha_from_normalised(1.0, {n: torch.zeros_like(h) for n, h in curv_pt.items()}, curv_ft)

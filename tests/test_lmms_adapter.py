@@ -242,3 +242,23 @@ def test_bad_model_arguments_give_clear_errors(tmp_path):
         la.CGMMini(pretrained=tmp_path / "bert", max_pixels=4096)
     with pytest.raises(FileNotFoundError, match="build_mini_data"):
         la.resolve_tasks(None, tmp_path)
+
+
+def test_lmms_eval_command_line_finds_the_model_through_the_entry_point(processors, models, data_dir, tmp_path):
+    """`python -m lmms_eval --model cgm_mini` in a fresh process: the class comes from the package's entry
+    point (group lmms_eval.models), not from an import in the test."""
+    import subprocess
+    import sys
+    path = mm.save_family(models["llava"], processors["llava"], tmp_path / "ckpt")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "cgm_mini", "--model_args", f"pretrained={path}",
+           "--tasks", "mini_count", "--include_path", str(data_dir), "--batch_size", str(BATCH), "--limit", "6",
+           "--output_path", str(out), "--verbosity", "WARNING"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in out.rglob("*results*.json")]
+    assert results, f"no results file under {out}: {sorted(str(p) for p in out.rglob('*'))}"
+    r = results[0]["results"]["mini_count"]
+    assert "exact_match,none" in r and 0.0 <= r["exact_match,none"] <= 1.0
+    assert results[0]["n-samples"]["mini_count"]["effective"] == 6

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cgm_min import cgm
 from cgm_min import mini_models as mm
 from cgm_min import mini_tasks as mt
 from cgm_min import training as tr
@@ -102,6 +103,18 @@ def test_answers_match_the_pixels():
     for s in mt.make_samples("colour_code", "heldout", 20):
         px = _object_pixels(s.image, s.meta["objects"][0]["quadrant"])
         assert s.answer == str(mt.COLOUR_CODE[_nearest_colour(np.median(px, axis=0))])
+
+
+def test_answer_kinds_tell_lost_skills_from_takeovers():
+    assert mt.answer_kind("colour", "red", "red", "corners") == "correct"
+    assert mt.answer_kind("colour", "red circle", "red", "corners") == "format"
+    assert mt.answer_kind("colour", "blue", "red", "corners") == "own task"
+    assert mt.answer_kind("colour", "4", "red", "corners") == "target"
+    assert mt.answer_kind("colour", "no", "red", "corners") == "other"
+    # "4" is also a count: for the count task it is a wrong count, not the target taking over
+    assert mt.answer_kind("count", "4", "2", "corners") == "own task"
+    assert mt.answer_kind("colour", "4", "red") == "other"
+    assert set(mt.ANSWER_KINDS) == {"correct", "format", "own task", "target", "other"}
 
 
 def test_scores_and_paper_table():
@@ -255,3 +268,75 @@ def test_finetuning_touches_only_the_merge_set(processors):
         assert p.requires_grad                         # flags restored
     assert set(h_ft) == names and all((h >= 0).all() for h in h_ft.values())
     assert sum(float(h.sum()) for h in h_ft.values()) > 0 and len(log["losses"]) == 2
+
+
+def test_finetuning_seeds_draw_different_samples(processors):
+    def losses(seed):
+        model = mm.build_model("llava", processors["llava"], size="test", seed=0)
+        cfg = tr.FinetuneConfig(target="corners", steps=2, batch_size=4, seed=seed)
+        return tr.finetune(model, processors["llava"], cfg, progress=False)[0]["losses"]
+    assert losses(0) == losses(0) and losses(0) != losses(1)
+    one = tr.train_batch(("corners",), 0, 4, 1, "finetune/corners", first_index=tr.SEED_STRIDE)
+    assert [s.index for s in one] == [tr.SEED_STRIDE + j for j in range(4)]
+
+
+def test_calibration_fisher_is_diag_fisher_on_the_calibration_samples(processors):
+    model = mm.build_model("llava", processors["llava"], size="test", seed=0)
+    names = mm.merge_param_names(model)
+    h = tr.calibration_fisher(model, processors["llava"], ("colour", "count"), 3)
+    ref = cgm.diag_fisher(model, tr.fisher_batches(processors["llava"], ("colour", "count"), 3), names, progress=False)
+    assert list(h) == names and all(torch.equal(h[n], ref[n]) for n in names)
+    # the samples come from the calibration split: another split gives another curvature
+    other = cgm.diag_fisher(model, tr.fisher_batches(processors["llava"], ("colour", "count"), 3, split="train"),
+                            names, progress=False)
+    assert not all(torch.equal(h[n], other[n]) for n in names)
+
+
+def test_curvature_files_round_trip_and_refuse_bad_values(tmp_path):
+    curv = {"model.language_model.layers.2.mlp.up_proj.weight": torch.rand(4, 3),
+            "model.multi_modal_projector.linear_1.bias": torch.rand(4)}
+    path = tr.save_curvature(curv, tmp_path / "h.safetensors", {"kind": "h_pt", "n_per_task": 8, "tasks": ["a"]})
+    back, meta = tr.load_curvature(path)
+    assert meta == {"kind": "h_pt", "n_per_task": 8, "tasks": ["a"]}
+    assert all(torch.equal(back[n], curv[n]) for n in curv)
+    for bad in (float("nan"), float("inf"), -1.0):
+        broken = {**curv, "model.multi_modal_projector.linear_1.bias": torch.tensor([0.0, bad, 1.0, 2.0])}
+        with pytest.raises(ValueError, match="linear_1.bias"):
+            tr.save_curvature(broken, path)
+    assert torch.equal(tr.load_curvature(path)[0]["model.multi_modal_projector.linear_1.bias"], curv[
+        "model.multi_modal_projector.linear_1.bias"])          # the refused write left the old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ["h.safetensors"]
+    with pytest.raises(FileNotFoundError, match="no curvature file"):
+        tr.load_curvature(tmp_path / "missing.safetensors")
+
+
+def test_curvature_by_module_groups_by_layer_and_module():
+    curv = {"model.language_model.layers.2.self_attn.q_proj.weight": torch.full((2, 2), 1.0),
+            "model.language_model.layers.3.mlp.down_proj.weight": torch.full((3,), 2.0),
+            "model.visual.merger.mlp.0.bias": torch.full((5,), 4.0)}
+    df = tr.curvature_by_module(curv).set_index("name")
+    assert list(df["block"]) == ["layer 2", "layer 3", "projector"]
+    assert list(df["module"]) == ["q_proj", "down_proj", "0"]
+    assert list(df["n"]) == [4, 3, 5] and list(df["sum"]) == [4.0, 6.0, 20.0] and list(df["mean"]) == [1.0, 2.0, 4.0]
+
+
+def test_shipped_checkpoint_names_what_is_missing(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="family must be one of"):
+        mm.shipped_checkpoint("gpt2")
+    monkeypatch.setattr(mm, "CHECKPOINT_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="mini-llava-1.5"):
+        mm.shipped_checkpoint("llava")
+
+
+def test_curvature_command_line_writes_h_pt_of_a_saved_model(processors, tmp_path, capsys):
+    model = mm.build_model("qwen", processors["qwen"], size="test", seed=0)
+    mm.save_family(model, processors["qwen"], tmp_path / "m")
+    out = tmp_path / "h" / "h_pt.safetensors"
+    assert tr.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "general", "--n-per-task", "1",
+                    "--out", str(out)]) == 0
+    h, meta = tr.load_curvature(out)
+    assert meta["kind"] == "h_pt" and meta["tasks"] == list(mt.GENERAL) and meta["n_per_task"] == 1
+    ref = tr.calibration_fisher(mm.load_family(tmp_path / "m")[0], processors["qwen"], mt.GENERAL, 1)
+    assert set(h) == set(ref) and all(torch.allclose(h[n], ref[n], rtol=1e-5, atol=0) for n in h)
+    with pytest.raises(KeyError, match="unknown task"):
+        tr.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "colr", "--out", str(out)])
