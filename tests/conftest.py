@@ -44,3 +44,11 @@ def processors():
 def models(processors):
     from cgm_min import mini_models as mm
     return {f: mm.build_model(f, processors[f], size="test", seed=0) for f in mm.FAMILIES}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that read executed notebooks are slow (the first one runs every notebook): mark them, so that
+    `-m "not slow"` runs the unit tests alone."""
+    for item in items:
+        if "notebook_metrics" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
