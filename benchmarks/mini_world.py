@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cgm_min import lmms_adapter as la  # noqa: E402
 from cgm_min import mini_models as mm  # noqa: E402
 from cgm_min import mini_tasks as mt  # noqa: E402
+from cgm_min import pipeline  # noqa: E402
 from cgm_min import training as tr  # noqa: E402
 
 EVAL_BUDGET_S = 30.0
@@ -51,10 +51,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def build_data(out: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("build_mini_data", ROOT / "data_scripts" / "build_mini_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build(out, n_heldout=200, n_calibration=0, verbose=False)
+    return pipeline.load_data_script("build_mini_data").build(out, n_heldout=200, n_calibration=0, verbose=False)
 
 
 def bench_family(fam: str, data: Path, repeats: int, threads: list[int], steps: int) -> None:

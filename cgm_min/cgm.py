@@ -213,12 +213,16 @@ def cgm_merge(state_pt: Mapping[str, Tensor], state_ft: Mapping[str, Tensor], cu
     return merged
 
 
+def total_curvature(curv: Mapping[str, Tensor]) -> float:
+    """sum of every entry of every tensor of a curvature dict, accumulated in float64."""
+    return sum(float(h.double().sum()) for h in curv.values())
+
+
 def curvature_scale_ratio(curv_pt: Mapping[str, Tensor], curv_ft: Mapping[str, Tensor]) -> float:
     """sum(h_ft) / sum(h_pt) over all tensors. alpha * this ratio is the alpha that weighs the two losses
     equally in total curvature: report it with every alpha, since on a saturated base h_pt can be
     orders of magnitude smaller than h_ft."""
-    s_pt = sum(float(h.double().sum()) for h in curv_pt.values())
-    s_ft = sum(float(h.double().sum()) for h in curv_ft.values())
+    s_pt, s_ft = total_curvature(curv_pt), total_curvature(curv_ft)
     if s_pt <= 0:
         raise ValueError("curvature_scale_ratio: h_pt sums to zero")
     return s_ft / s_pt

@@ -28,6 +28,19 @@ BOOK_DIR = ROOT / "book"
 PRESETS = ("tiny", "cpu", "paper")
 
 
+def load_data_script(name: str):
+    """Import `data_scripts/<name>.py` as a module (the folder is a set of scripts, not a package), e.g.
+    `load_data_script("build_mini_data").build(out)`."""
+    import importlib.util
+    path = ROOT / "data_scripts" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no data script {path.name} in data_scripts/")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def notebook_names() -> list[str]:
     """The notebooks in book order (their file names start with a two-digit number)."""
     return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.md"))

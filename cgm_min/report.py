@@ -45,7 +45,10 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp)` with a temporary file name next to `path`, then rename it to `path`: a crash or an
+    error never leaves `path` half written, and the temporary file is always removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
@@ -55,13 +58,14 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
 
 
 def write_metrics(out_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
     """Write OUT_DIR/metrics.json atomically (a crash never leaves half a file)."""
     path = Path(out_dir) / "metrics.json"
     text = json.dumps(_plain(metrics), indent=2, sort_keys=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
 
 
@@ -84,7 +88,7 @@ def set_style() -> None:
 def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
     """Save a matplotlib figure as OUT_DIR/<name>.png (atomically)."""
     path = Path(out_dir) / f"{name}.png"
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path
 
 

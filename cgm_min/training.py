@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from . import mini_models as mm
 from . import mini_tasks as mt
-from .cgm import diag_fisher
+from .cgm import diag_fisher, total_curvature
+from .report import atomic_write
 
 # ----------------------------------------------------------------------------------------------
 # Data streams.
@@ -373,19 +374,12 @@ def save_curvature(curv: Mapping[str, torch.Tensor], path: str | Path, meta: Map
     """Write a curvature dict as safetensors (with `meta` as JSON strings in the header). Refuses NaN,
     Inf and negative entries; writes a temporary file and renames it, so `path` is never half written."""
     from safetensors.torch import save_file
-    path = Path(path)
     for name, h in curv.items():
         if not torch.isfinite(h).all() or (h < 0).any():
             raise ValueError(f"save_curvature: {name} has NaN, Inf or negative entries")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({n: h.detach().float().contiguous() for n, h in curv.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors = {n: h.detach().float().contiguous() for n, h in curv.items()}
+    header = {k: json.dumps(v) for k, v in (meta or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_curvature(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -405,12 +399,10 @@ def curvature_by_module(curv: Mapping[str, torch.Tensor]) -> "pd.DataFrame":
     import pandas as pd
     rows = []
     for name, h in curv.items():
-        if name.startswith(mm.LAYER_PREFIX):
-            layer, rest = name[len(mm.LAYER_PREFIX):].split(".", 1)
-            block, module = f"layer {int(layer)}", rest.rsplit(".", 1)[0].split(".")[-1]
-        else:
-            block, module = "projector", name.rsplit(".", 1)[0].split(".")[-1]
-        rows.append({"name": name, "block": block, "module": module, "kind": name.rsplit(".", 1)[-1],
+        owner, kind = name.rsplit(".", 1)            # e.g. "...layers.3.mlp.down_proj", "weight"
+        block = (f"layer {int(name[len(mm.LAYER_PREFIX):].split('.', 1)[0])}" if name.startswith(mm.LAYER_PREFIX)
+                 else "projector")
+        rows.append({"name": name, "block": block, "module": owner.split(".")[-1], "kind": kind,
                      "n": h.numel(), "sum": float(h.double().sum()), "mean": float(h.double().mean())})
     return pd.DataFrame(rows)
 
@@ -506,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         curv = calibration_fisher(model, processor, tasks, n, a.n_layers, progress=True)
         meta = {"kind": "h_pt" if general else "h_ft", "tasks": list(tasks), "n_per_task": n, "model": str(a.model)}
         print(f"{save_curvature(curv, a.out, meta)}: {len(curv)} tensors, "
-              f"sum {sum(float(h.double().sum()) for h in curv.values()):.4g}")
+              f"sum {total_curvature(curv):.4g}")
     else:
         torch.set_num_threads(a.threads)
         model, processor = mm.load_family(a.model)

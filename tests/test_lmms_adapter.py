@@ -17,22 +17,15 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the project
 from cgm_min import lmms_adapter as la  # noqa: E402
 from cgm_min import mini_models as mm  # noqa: E402
 from cgm_min import mini_tasks as mt  # noqa: E402
+from cgm_min import pipeline  # noqa: E402
 from cgm_min import training as tr  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["colour", "count", "caption"]        # two general tasks and one target (the longest answers)
 N = 10                                         # held-out documents per task
 BATCH = 4                                      # several batches per task, the last one partial
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_mini_data", ROOT / "data_scripts" / "build_mini_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bmd = _load_builder()
+bmd = pipeline.load_data_script("build_mini_data")
 
 
 @pytest.fixture(scope="module", autouse=True)
