@@ -138,6 +138,9 @@ SIZES = {
     # hidden sizes and depths; ~1.2-1.6 M parameters. "small" is the shipped size.
     "small": dict(vision_hidden=128, vision_layers=2, vision_ffn=512, text_hidden=128, text_layers=4, text_ffn=336,
                   heads=4, kv_heads=4, qwen_vision_ffn=256, tie_embeddings=False),
+    # twice the decoder width (hidden 256, FFN 672; ~4 M parameters): the capacity knob of the merge experiment
+    "wide": dict(vision_hidden=128, vision_layers=2, vision_ffn=512, text_hidden=256, text_layers=4, text_ffn=672,
+                 heads=4, kv_heads=4, qwen_vision_ffn=256, tie_embeddings=False),
     # a few-tensor model for unit tests
     "test": dict(vision_hidden=32, vision_layers=1, vision_ffn=64, text_hidden=32, text_layers=2, text_ffn=64,
                  heads=2, kv_heads=2, qwen_vision_ffn=64, tie_embeddings=False),
