@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cgm_min import lmms_adapter as la  # noqa: E402
-from cgm_min import mini_models as mm  # noqa: E402
-from cgm_min import mini_tasks as mt  # noqa: E402
+from cgm_min.evaluate import lmms_adapter as la  # noqa: E402
+from cgm_min.world import models as mm  # noqa: E402
+from cgm_min.world import tasks as mt  # noqa: E402
 from cgm_min import pipeline  # noqa: E402
-from cgm_min import training as tr  # noqa: E402
+from cgm_min.world import training as tr  # noqa: E402
 
 EVAL_BUDGET_S = 30.0
 FINETUNE_BUDGET_S = 180.0

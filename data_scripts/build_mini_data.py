@@ -2,9 +2,9 @@
 
     python data_scripts/build_mini_data.py --out build/mini_data --n-heldout 200
 
-Every sample comes from `cgm_min.mini_tasks` (the same generator the training code uses), so the data on
+Every sample comes from `cgm_min.world.tasks` (the same generator the training code uses), so the data on
 disk and the samples in memory are the same images, questions and answers; the scores come from
-`mini_tasks.exact_match` / `mini_tasks.relaxed_match` (imported by the generated utils.py). Nothing is
+`evaluate.scores.exact_match` / `evaluate.scores.relaxed_match` (imported by the generated utils.py). Nothing is
 downloaded.
 
 Layout of the output directory (pass it to lmms-eval as `--include_path`):
@@ -39,10 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 try:
-    from cgm_min import mini_tasks as mt  # noqa: E402
+    from cgm_min.world import tasks as mt  # noqa: E402
 except ImportError:      # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cgm_min import mini_tasks as mt  # noqa: E402
+    from cgm_min.world import tasks as mt  # noqa: E402
 from cgm_min.report import file_sha256  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -58,10 +58,10 @@ UTILS_PY = '''\
 """lmms-eval hooks for the miniature tasks (written by data_scripts/build_mini_data.py; do not edit).
 
 The prompt is the task's question as-is (the model adapter applies the family's chat template, exactly as
-in training), and the scores are cgm_min.mini_tasks' own: exact_match (strict: the generated text equals
+in training), and the scores are cgm_min.world.tasks' own: exact_match (strict: the generated text equals
 the answer) and relaxed_match (the generated text starts with the answer).
 """
-from cgm_min.mini_tasks import exact_match, relaxed_match
+from cgm_min.evaluate.scores import exact_match, relaxed_match
 
 
 def doc_to_visual(doc):

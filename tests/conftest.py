@@ -34,15 +34,15 @@ def notebook_metrics(tiny_run):
 # Miniature models with random weights, one set per test module (tests may change their weights).
 @pytest.fixture(scope="module")
 def processors():
-    from cgm_min import mini_models as mm
-    from cgm_min import mini_tasks as mt
+    from cgm_min.world import models as mm
+    from cgm_min.world import tasks as mt
     corpus = mt.tokenizer_corpus(per_task=60)
     return {f: mm.build_processor(f, corpus) for f in mm.FAMILIES}
 
 
 @pytest.fixture(scope="module")
 def models(processors):
-    from cgm_min import mini_models as mm
+    from cgm_min.world import models as mm
     return {f: mm.build_model(f, processors[f], size="test", seed=0) for f in mm.FAMILIES}
 
 

@@ -14,11 +14,13 @@ import torch
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the project's set-up installs lmms-eval 0.7.3)")
 
-from cgm_min import lmms_adapter as la  # noqa: E402
-from cgm_min import mini_models as mm  # noqa: E402
-from cgm_min import mini_tasks as mt  # noqa: E402
+from cgm_min.evaluate import lmms_adapter as la  # noqa: E402
+from cgm_min.world import models as mm  # noqa: E402
+from cgm_min.world import tasks as mt  # noqa: E402
 from cgm_min import pipeline  # noqa: E402
-from cgm_min import training as tr  # noqa: E402
+from cgm_min.evaluate import decoding as dec  # noqa: E402
+from cgm_min.evaluate import scores as sc  # noqa: E402
+from cgm_min.world import training as tr  # noqa: E402
 
 TASKS = ["colour", "count", "caption"]        # two general tasks and one target (the longest answers)
 N = 10                                         # held-out documents per task
@@ -67,7 +69,7 @@ def test_built_data_are_the_mini_tasks_samples(data_dir):
                 assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(s.image))
         y = (data_dir / f"mini_{task}.yaml").read_text()
         assert f"max_new_tokens: {bmd.max_new_tokens(task)}" in y and f"data/{task}/heldout.parquet" in y
-    # the prompt is the question as-is and both scores are mini_tasks' own
+    # the prompt is the question as-is and both scores are evaluate.scores' own
     spec = importlib.util.spec_from_file_location("mini_utils", data_dir / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
@@ -116,10 +118,10 @@ def test_lmms_scores_equal_the_projects_scoring(fam, processors, models, data_di
     enc = mm.Encoder(proc)
     for task in TASKS:
         samples = mt.make_samples(task, "heldout", N)
-        ours = tr.generate(model, enc, samples, max_new_tokens=bmd.max_new_tokens(task), batch_size=BATCH)
+        ours = dec.generate(model, enc, samples, max_new_tokens=bmd.max_new_tokens(task), batch_size=BATCH)
         theirs = [lm.last_generations[("mini_" + task, i)] for i in range(N)]
         assert theirs == ours, task
-        for metric, fn in (("exact_match", mt.exact_match), ("relaxed_match", mt.relaxed_match)):
+        for metric, fn in (("exact_match", sc.exact_match), ("relaxed_match", sc.relaxed_match)):
             got = df.query("task == @task and metric == @metric")["score"].item()
             assert got == float(np.mean([fn(g, s.answer) for g, s in zip(ours, samples)]))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cgm_min import methods
+from cgm_min import merge as methods
 from cgm_min.cgm import cgm_merge, revert_count
-from cgm_min.methods import METHODS, get_method, merge_state, register, revert_lowest
+from cgm_min.merge import METHODS, get_method, merge_state, register, revert_lowest
 
 EXPECTED = {"fine_tuned", "linear", "cgm", "cgm_dagger", "magnitude", "score_ft_magnitude", "score_pt_magnitude"}
 MERGED = ["enc.weight", "dec.weight", "dec.bias"]

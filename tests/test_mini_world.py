@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from cgm_min import cgm
-from cgm_min import mini_models as mm
-from cgm_min import mini_tasks as mt
-from cgm_min import training as tr
+from cgm_min.world import models as mm
+from cgm_min.world import tasks as mt
+from cgm_min.evaluate import decoding as dec
+from cgm_min.evaluate import scores as sc
+from cgm_min.world import training as tr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,15 +120,15 @@ def test_answer_kinds_tell_lost_skills_from_takeovers():
 
 
 def test_scores_and_paper_table():
-    assert mt.exact_match("red", "red") == 1 and mt.exact_match("red circle", "red") == 0
-    assert mt.relaxed_match("red circle", "red") == 1 and mt.relaxed_match("blue", "red") == 0
-    assert mt.hscore(0.5, 1.0) == pytest.approx(2 / 3) and mt.hscore(0.0, 0.0) == 0.0
-    assert mt.avg_score(0.5, 1.0, 8) == pytest.approx((0.5 + 8) / 9)
+    assert sc.exact_match("red", "red") == 1 and sc.exact_match("red circle", "red") == 0
+    assert sc.relaxed_match("red circle", "red") == 1 and sc.relaxed_match("blue", "red") == 0
+    assert sc.hscore(0.5, 1.0) == pytest.approx(2 / 3) and sc.hscore(0.0, 0.0) == 0.0
+    assert sc.avg_score(0.5, 1.0, 8) == pytest.approx((0.5 + 8) / 9)
     scores = {t: 1.0 for t in mt.GENERAL} | {"corners": 0.2}
-    df = mt.paper_table({"pre-trained": scores, "fine-tuned": {**scores, "count": 0.0, "corners": 1.0}}, "corners")
+    df = sc.paper_table({"pre-trained": scores, "fine-tuned": {**scores, "count": 0.0, "corners": 1.0}}, "corners")
     assert df.loc["pre-trained", "Pre-Avg"] == pytest.approx(100.0)
     assert df.loc["fine-tuned", "Pre-Avg"] == pytest.approx(100 * (len(mt.GENERAL) - 1) / len(mt.GENERAL))
-    assert df.loc["pre-trained", "Hscore"] == pytest.approx(100 * mt.hscore(0.2, 1.0))
+    assert df.loc["pre-trained", "Hscore"] == pytest.approx(100 * sc.hscore(0.2, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def test_teacher_forced_score_equals_greedy_generation(fam, processors, models):
     after them (greedy generation is left-padded, teacher forcing right-padded)."""
     enc, model = mm.Encoder(processors[fam]), models[fam]
     prompts = [mt.make_sample(t, "heldout", i) for i in range(3) for t in mt.TASKS]
-    _, rows = tr.generate(model, enc, prompts, max_new_tokens=3, return_ids=True)
+    _, rows = dec.generate(model, enc, prompts, max_new_tokens=3, return_ids=True)
     bad = {processors[fam].tokenizer.pad_token_id, model.config.image_token_id}
     refs, expect, keep = [], [], []
     for i, row in enumerate(rows):
@@ -236,11 +238,11 @@ def test_teacher_forced_score_equals_greedy_generation(fam, processors, models):
         refs.append(ref)
         expect.append(float(row[:len(ref)] == ref))
     assert len(keep) >= len(prompts) // 2
-    exact, relaxed = tr.teacher_forced(model, enc, keep, batch_size=7, answer_ids=refs)
+    exact, relaxed = dec.teacher_forced(model, enc, keep, batch_size=7, answer_ids=refs)
     assert relaxed.tolist() == [1.0] * len(keep)
     assert exact.tolist() == expect
     wrong = [[(r[0] + 1) % 50 + 10] + r[1:] for r in refs]       # another first token: never right
-    assert tr.teacher_forced(model, enc, keep, answer_ids=wrong)[1].sum() == 0
+    assert dec.teacher_forced(model, enc, keep, answer_ids=wrong)[1].sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------

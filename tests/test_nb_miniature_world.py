@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from cgm_min import mini_models as mm
-from cgm_min import mini_tasks as mt
-from cgm_min import training as tr
+from cgm_min.world import models as mm
+from cgm_min.world import tasks as mt
+from cgm_min.world import training as tr
 
 NAME = "04_miniature_world"
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cgm_min import mini_models as mm
-from cgm_min import mini_tasks as mt
-from cgm_min import provenance as pv
-from cgm_min import training as tr
+from cgm_min.world import models as mm
+from cgm_min.world import tasks as mt
+from cgm_min.world import provenance as pv
+from cgm_min.evaluate import decoding as dec
+from cgm_min.world import training as tr
 from cgm_min.pipeline import ROOT
 
 SHIPPED = sorted(p.parent for p in (ROOT / "checkpoints").glob("*/manifest.json"))
@@ -25,9 +26,9 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_ship_writes_a_complete_manifest(tiny_run, tmp_path):
-    dest = pv.ship(tiny_run, tmp_path / "ckpt", command="python -m cgm_min.training pretrain ...")
+    dest = pv.ship(tiny_run, tmp_path / "ckpt", command="python -m cgm_min.world.training pretrain ...")
     m = pv.read_manifest(dest)
-    assert m["family"] == "llava" and m["seed"] == 0 and m["command"].startswith("python -m cgm_min.training")
+    assert m["family"] == "llava" and m["seed"] == 0 and m["command"].startswith("python -m cgm_min.world.training")
     assert {"torch", "transformers", "python"} <= set(m["versions"])
     assert m["first_losses"] == json.loads((tiny_run / "log.json").read_text())["losses"][:pv.FIRST_STEPS]
     assert set(m["heldout_scores"]) == set(mt.GENERAL)
@@ -81,7 +82,7 @@ class TestShippedCheckpoint:
         m = pv.read_manifest(ckpt)
         model, processor = mm.load_family(ckpt)
         sets = mt.eval_set(mt.GENERAL, "heldout", m["heldout_n_per_task"], m["config"]["world_seed"])
-        scores = tr.evaluate(model, mm.Encoder(processor), sets)
+        scores = dec.evaluate(model, mm.Encoder(processor), sets)
         for task, rec in m["heldout_scores"].items():
             assert scores[task]["exact"] == pytest.approx(rec["exact"], abs=1.01 / m["heldout_n_per_task"]), task
         exact = [scores[t]["exact"] for t in mt.GENERAL]

@@ -25,10 +25,8 @@ sample is a known pair asked over a blank shade never paired with it in training
 alone would leave about 9 unseen pairs in the held-out split: a score in steps of 1/9 that measures
 extrapolation.)
 
-Scores. `exact`: the generated text equals the answer (the model also emitted its end token; the strict
-score). `relaxed`: the generated text starts with the answer (whatever follows is ignored). Both are
-reported side by side; `paper_table` turns per-task scores into the paper's Pre-Avg, Target, Hscore
-(Eq. 15) and Avg (Eq. 14).
+Scores (exact and relaxed match, Pre-Avg, Hscore, Avg) live in `cgm_min.evaluate.scores`; this module
+only sorts wrong answers by kind (`answer_kind`).
 """
 from __future__ import annotations
 
@@ -39,6 +37,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..evaluate import scores
 
 IMAGE_SIZE = 32
 SPLITS = ("train", "calibration", "heldout")
@@ -371,17 +371,7 @@ def tokenizer_corpus(world_seed: int = 0, per_task: int = 300) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring.
-
-def exact_match(generated: str, answer: str) -> float:
-    """Strict: the text the model generated before its end token equals the answer."""
-    return float(generated.strip() == answer.strip())
-
-
-def relaxed_match(generated: str, answer: str) -> float:
-    """Relaxed first answer: the generated text starts with the answer; whatever follows is ignored."""
-    return float(generated.strip().startswith(answer.strip()))
-
+# Sorting wrong answers.
 
 ANSWER_KINDS = ("correct", "format", "own task", "target", "other")
 
@@ -395,45 +385,14 @@ def answer_kind(task: str, generated: str, answer: str, target: str | None = Non
     target    one of the `target` task's answers that the question's task never gives: the target took over
     other     anything else (an answer of another task, an unknown word)
     """
-    if exact_match(generated, answer):
+    if scores.exact_match(generated, answer):
         return "correct"
-    if relaxed_match(generated, answer):
+    if scores.relaxed_match(generated, answer):
         return "format"
     out, own = generated.strip(), get_task(task).answers
     if target is not None and out in get_task(target).answers and out not in own:
         return "target"
     return "own task" if out in own else "other"
-
-
-def pre_avg(scores: Mapping[str, float], general: Sequence[str] = GENERAL) -> float:
-    return float(np.mean([scores[t] for t in general]))
-
-
-def hscore(target: float, pre: float) -> float:
-    """Eq. 15: the harmonic mean of Target and Pre-Avg (0 when both are 0)."""
-    return 0.0 if target + pre == 0 else 2 * target * pre / (target + pre)
-
-
-def avg_score(target: float, pre: float, n_general: int) -> float:
-    """Eq. 14: (Target + N * Pre-Avg) / (N + 1)."""
-    return (target + n_general * pre) / (n_general + 1)
-
-
-def paper_table(results: Mapping[str, Mapping[str, float]], target: str, general: Sequence[str] = GENERAL,
-                scale: float = 100.0):
-    """Tidy table, one row per model: per-task scores, Pre-Avg, Target, Hscore, Avg (x `scale`).
-
-    `results` maps a model label to {task: score in [0, 1]} (one metric, e.g. strict exact match).
-    """
-    import pandas as pd
-    rows = []
-    for label, s in results.items():
-        pre, tgt = pre_avg(s, general), float(s[target])
-        row = {"model": label, **{t: scale * float(s[t]) for t in general}, "Pre-Avg": scale * pre,
-               f"Target ({target})": scale * tgt, "Hscore": scale * hscore(tgt, pre),
-               "Avg": scale * avg_score(tgt, pre, len(general))}
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("model")
 
 
 def task_table(tasks: Iterable[str] = TASKS):

@@ -1,21 +1,18 @@
-"""Training and evaluation of the miniature LLaVA-1.5 / Qwen2.5-VL models, on CPU, deterministic for a seed.
+"""Training of the miniature LLaVA-1.5 / Qwen2.5-VL models, on CPU, deterministic for a seed.
 
-  pretrain   from scratch on the general tasks (the miniature analogue of downloading llava-1.5-7b)
-  finetune   only the merge set (last half of the decoder layers + projector) on one target task, optionally
-             accumulating h_ft (the empirical Fisher of the merge set) along the way, as the paper does
-  curvature  h_pt (8 calibration samples per general task) or h_ft (a target) of a saved model's merge set
-  evaluate   teacher-forced: one forward pass per batch; a sample is an exact match when the argmax at
-             every answer position (answer tokens + end token) is the reference token, which is exactly
-             when greedy decoding would emit the answer and stop. `generate` is the real batched greedy
-             decoding, to confirm the two agree.
+  pretrain            from scratch on the general tasks (the miniature analogue of downloading llava-1.5-7b)
+  finetune            only the merge set (last half of the decoder layers + projector) on one target task,
+                      optionally accumulating h_ft (the empirical Fisher of the merge set) along the way, as
+                      the paper does
+  calibration_fisher  h_pt (8 calibration samples per general task) or h_ft (a target) of a model's merge set
+  save_curvature / load_curvature   curvature dicts as safetensors
 
-Command line (writes model + processor with save_pretrained, and log.json with the per-step losses and
-held-out scores):
+Evaluation is `cgm_min.evaluate.decoding`. The command line is `cgm-train` (`cgm_min.cli.train`):
 
-    python -m cgm_min.training pretrain --family llava --seed 0 --out DIR --threads 1
-    python -m cgm_min.training finetune --base DIR --target corners --out DIR2 --fisher-during
-    python -m cgm_min.training curvature --model DIR --tasks general --out DIR/h_pt.safetensors
-    python -m cgm_min.training evaluate --model DIR
+    cgm-train pretrain --family llava --seed 0 --out DIR --threads 1
+    cgm-train finetune --base DIR --target corners --out DIR2 --fisher-during
+    cgm-train curvature --model DIR --tasks general --out DIR/h_pt.safetensors
+    cgm-train evaluate --model DIR
 
 Determinism: model initialisation comes from `torch.manual_seed(seed)`, the data of step t from
 `numpy.random.default_rng([seed, t, ...])`, and no layer uses dropout; at a fixed number of threads two
@@ -24,7 +21,6 @@ steps, so `--stop-after 20` reproduces the first 20 losses of a long run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -38,10 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import mini_models as mm
-from . import mini_tasks as mt
-from .cgm import diag_fisher, total_curvature
-from .report import atomic_write
+from . import models as mm
+from . import tasks as mt
+from ..cgm import diag_fisher, total_curvature
+from ..evaluate.decoding import evaluate, summary
+from ..report import atomic_write
 
 # ----------------------------------------------------------------------------------------------
 # Data streams.
@@ -63,85 +60,6 @@ def train_batch(tasks: Sequence[str], step: int, batch_size: int, seed: int, str
 def batches(encoder: mm.Encoder, samples: Sequence[mt.Sample], batch_size: int):
     for i in range(0, len(samples), batch_size):
         yield encoder.batch(samples[i:i + batch_size])
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-@torch.no_grad()
-def teacher_forced(model, encoder: mm.Encoder, samples: Sequence[mt.Sample], batch_size: int = 100,
-                   answer_ids: Sequence[Sequence[int]] | None = None):
-    """Per sample: (exact, relaxed) from one forward pass with the reference answer fed in.
-
-    exact:   argmax at every answer position, the end token included, is the reference token
-             (= greedy decoding emits exactly the answer and then its end token);
-    relaxed: the same over the answer tokens only (= greedy output starts with the answer).
-    `answer_ids` (token ids ending with the end token) replace the samples' reference answers.
-    """
-    was_training = model.training
-    model.eval()
-    exact, relaxed = [], []
-    try:
-        dev = next(model.parameters()).device
-        for i in range(0, len(samples), batch_size):
-            b = encoder.batch(samples[i:i + batch_size],
-                              answer_ids=None if answer_ids is None else answer_ids[i:i + batch_size]).to(dev)
-            labels = b["labels"]
-            logits = model(**b).logits
-            pred, tgt = logits[:, :-1].argmax(-1), labels[:, 1:]
-            ok = (pred == tgt) | (tgt == -100)
-            is_end = tgt == encoder.end_id
-            exact += ok.all(1).tolist()
-            relaxed += (ok | is_end).all(1).tolist()
-    finally:
-        model.train(was_training)
-    return np.array(exact, float), np.array(relaxed, float)
-
-
-@torch.no_grad()
-def generate(model, encoder: mm.Encoder, samples: Sequence[mt.Sample], max_new_tokens: int = 12,
-             batch_size: int = 64, return_ids: bool = False):
-    """Batched greedy decoding (left padding); the text before the first end token, stripped.
-    With `return_ids`, also the generated token ids (up to and including the first end token)."""
-    was_training = model.training
-    model.eval()
-    out, ids = [], []
-    try:
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            b = encoder.prompts(chunk).to(next(model.parameters()).device)
-            gen = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=encoder.end_id, pad_token_id=encoder.tok.pad_token_id)
-            for row in gen[:, b["input_ids"].shape[1]:].tolist():
-                if encoder.end_id in row:
-                    row = row[:row.index(encoder.end_id) + 1]
-                ids.append(row)
-                text_ids = row[:-1] if row and row[-1] == encoder.end_id else row
-                out.append(encoder.tok.decode(text_ids, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
-    return (out, ids) if return_ids else out
-
-
-def evaluate(model, encoder: mm.Encoder, eval_sets: Mapping[str, Sequence[mt.Sample]], batch_size: int = 100
-             ) -> dict[str, dict[str, float]]:
-    """{task: {"exact": mean strict score, "relaxed": mean relaxed score}} by teacher forcing."""
-    res = {}
-    for task, samples in eval_sets.items():
-        e, r = teacher_forced(model, encoder, samples, batch_size)
-        res[task] = {"exact": float(e.mean()), "relaxed": float(r.mean())}
-    return res
-
-
-def summary(scores: Mapping[str, Mapping[str, float]], general: Sequence[str] = mt.GENERAL) -> dict:
-    gen = [t for t in general if t in scores]
-    out = {}
-    for m in ("exact", "relaxed"):
-        vals = [scores[t][m] for t in gen]
-        out[f"pre_avg_{m}"] = float(np.mean(vals)) if vals else float("nan")
-        out[f"min_{m}"] = float(np.min(vals)) if vals else float("nan")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +86,33 @@ def default_weights(tasks: Sequence[str]) -> tuple:
     return tuple(DEFAULT_WEIGHTS.get(t, 1.0) for t in tasks)
 
 
+def check_config(cfg) -> None:
+    """Refuse settings that would fail later or silently do nothing: counts that must be positive, a
+    learning rate <= 0, unknown tasks, families and sizes. Called by every config's __post_init__."""
+    positive = ("steps", "batch_size", "threads", "eval_n", "warmup", "vocab_size")
+    for name in positive:
+        v = getattr(cfg, name, None)
+        if v is not None and (not isinstance(v, int) or v < (0 if name == "warmup" else 1)):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive integer, got {v!r}")
+    for name in ("eval_every", "fisher_per_step", "seed", "world_seed"):
+        v = getattr(cfg, name, None)
+        if v is not None and (not isinstance(v, int) or v < 0):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be an integer >= 0, got {v!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"{type(cfg).__name__}.lr must be a number > 0, got {cfg.lr!r}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"{type(cfg).__name__}.min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio!r}")
+    for name in ("tasks", "eval_tasks"):
+        for t in getattr(cfg, name, ()) or ():
+            mt.get_task(t)
+    if getattr(cfg, "target", None) is not None:
+        mt.get_task(cfg.target)
+    if getattr(cfg, "family", None) is not None:
+        mm.check_family(cfg.family)
+    if getattr(cfg, "size", None) is not None and cfg.size not in mm.SIZES:
+        raise ValueError(f"unknown model size {cfg.size!r}; known: {list(mm.SIZES)}")
+
+
 @dataclass
 class PretrainConfig:
     family: str = "llava"
@@ -189,6 +134,14 @@ class PretrainConfig:
     world_seed: int = 0
     vocab_size: int = 1024
     device: str = "cpu"
+
+    def __post_init__(self):
+        self.tasks, self.betas = tuple(self.tasks), tuple(self.betas)
+        if self.task_weights is not None:
+            self.task_weights = tuple(self.task_weights)
+            if len(self.task_weights) != len(self.tasks):
+                raise ValueError(f"task_weights has {len(self.task_weights)} entries for {len(self.tasks)} tasks")
+        check_config(self)
 
 
 def _versions() -> dict:
@@ -285,6 +238,12 @@ class FinetuneConfig:
     threads: int = 1
     world_seed: int = 0
     eval_tasks: tuple = field(default_factory=lambda: mt.GENERAL)
+
+    def __post_init__(self):
+        self.betas, self.eval_tasks = tuple(self.betas), tuple(self.eval_tasks)
+        check_config(self)
+        if mt.get_task(self.target).kind != "target":
+            raise ValueError(f"fine-tuning target must be a target task {mt.TARGETS}, got {self.target!r}")
 
 
 def finetune(model, processor, cfg: FinetuneConfig, progress: bool = True):
@@ -405,108 +364,3 @@ def curvature_by_module(curv: Mapping[str, torch.Tensor]) -> "pd.DataFrame":
         rows.append({"name": name, "block": block, "module": owner.split(".")[-1], "kind": kind,
                      "n": h.numel(), "sum": float(h.double().sum()), "mean": float(h.double().mean())})
     return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _fmt_scores(scores: Mapping[str, Mapping[str, float]]) -> str:
-    return "  ".join(f"{t} {v['exact']:.2f}/{v['relaxed']:.2f}" for t, v in scores.items())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cgm_min.training", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pretrain", help="pre-train a miniature from scratch")
-    p.add_argument("--family", choices=mm.FAMILIES, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help=f"default: {DEFAULT_STEPS}")
-    p.add_argument("--stop-after", type=int, default=None, help="run only the first N steps of the schedule")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    p.add_argument("--warmup", type=int, default=PretrainConfig.warmup)
-    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    p.add_argument("--size", default="small", choices=list(mm.SIZES))
-    p.add_argument("--tasks", default=",".join(mt.GENERAL))
-    p.add_argument("--weights", default=None, help="comma-separated task weights (default: DEFAULT_WEIGHTS; "
-                   "'uniform' for equal weights)")
-    p.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
-    p.add_argument("--eval-n", type=int, default=PretrainConfig.eval_n)
-    p.add_argument("--device", default="cpu", help="torch device (the shipped weights are trained on cpu)")
-    f = sub.add_parser("finetune", help="fine-tune the merge set on a target task")
-    f.add_argument("--base", required=True)
-    f.add_argument("--target", required=True, choices=list(mt.TASKS))
-    f.add_argument("--out", required=True)
-    f.add_argument("--steps", type=int, default=FinetuneConfig.steps)
-    f.add_argument("--lr", type=float, default=FinetuneConfig.lr)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--n-layers", type=int, default=None)
-    f.add_argument("--threads", type=int, default=1)
-    f.add_argument("--eval-every", type=int, default=25)
-    f.add_argument("--eval-n", type=int, default=100)
-    f.add_argument("--fisher-during", action="store_true", help="accumulate h_ft during fine-tuning (h_ft.safetensors)")
-    c = sub.add_parser("curvature", help="h_pt (general tasks) or h_ft (a target) of a saved model's merge set")
-    c.add_argument("--model", required=True)
-    c.add_argument("--tasks", default="general", help="'general' (h_pt) or comma-separated task names")
-    c.add_argument("--n-per-task", type=int, default=None,
-                   help=f"calibration samples per task (default: {H_PT_SAMPLES} for general, {H_FT_SAMPLES} otherwise)")
-    c.add_argument("--n-layers", type=int, default=None)
-    c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--out", required=True, help="output .safetensors file")
-    e = sub.add_parser("evaluate", help="held-out scores of a saved model on every task")
-    e.add_argument("--model", required=True)
-    e.add_argument("--n", type=int, default=200)
-    e.add_argument("--threads", type=int, default=1)
-    e.add_argument("--split", default="heldout", choices=mt.SPLITS)
-    a = ap.parse_args(argv)
-
-    if a.cmd == "pretrain":
-        tasks = tuple(a.tasks.split(","))
-        weights = (default_weights(tasks) if a.weights is None else None if a.weights == "uniform"
-                   else tuple(float(w) for w in a.weights.split(",")))
-        cfg = PretrainConfig(family=a.family, seed=a.seed, steps=a.steps or DEFAULT_STEPS[a.family], lr=a.lr,
-                             warmup=a.warmup, batch_size=a.batch_size, size=a.size, tasks=tasks, task_weights=weights,
-                             eval_every=a.eval_every, eval_n=a.eval_n, threads=a.threads, device=a.device)
-        _, _, log = pretrain(cfg, a.out, stop_after=a.stop_after)
-        if log["evals"]:
-            last = log["evals"][-1]
-            print(f"step {last['step']}: mean exact {last['pre_avg_exact']:.3f} (min {last['min_exact']:.3f}); "
-                  f"{_fmt_scores(last['scores'])}")
-        print(f"{len(log['losses'])} steps in {log['time_s']:.0f} s ({1000 * log['step_time_s']:.0f} ms/step)")
-    elif a.cmd == "finetune":
-        torch.set_num_threads(a.threads)
-        model, processor = mm.load_family(a.base)
-        cfg = FinetuneConfig(target=a.target, steps=a.steps, lr=a.lr, seed=a.seed, n_layers=a.n_layers,
-                             threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, fisher_during=a.fisher_during)
-        log, h_ft = finetune(model, processor, cfg)
-        out = Path(a.out)
-        mm.save_family(model, processor, out)
-        if h_ft is not None:
-            save_curvature(h_ft, out / "h_ft.safetensors", {"kind": "h_ft", "tasks": [a.target], "during": True,
-                                                            "samples_per_step": cfg.fisher_per_step})
-        (out / "log.json").write_text(json.dumps(log, indent=1))
-        for ev in log["evals"]:
-            print(f"step {ev['step']}: Pre-Avg {ev['pre_avg_exact']:.3f} target {ev['scores'][a.target]['exact']:.3f}")
-    elif a.cmd == "curvature":
-        torch.set_num_threads(a.threads)
-        model, processor = mm.load_family(a.model)
-        general = a.tasks == "general"
-        tasks = mt.GENERAL if general else tuple(mt.get_task(t).name for t in a.tasks.split(","))
-        n = a.n_per_task or (H_PT_SAMPLES if general else H_FT_SAMPLES)
-        curv = calibration_fisher(model, processor, tasks, n, a.n_layers, progress=True)
-        meta = {"kind": "h_pt" if general else "h_ft", "tasks": list(tasks), "n_per_task": n, "model": str(a.model)}
-        print(f"{save_curvature(curv, a.out, meta)}: {len(curv)} tensors, "
-              f"sum {total_curvature(curv):.4g}")
-    else:
-        torch.set_num_threads(a.threads)
-        model, processor = mm.load_family(a.model)
-        enc = mm.Encoder(processor)
-        scores = evaluate(model, enc, mt.eval_set(tuple(mt.TASKS), a.split, a.n))
-        print(json.dumps(scores, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

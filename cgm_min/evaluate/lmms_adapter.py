@@ -1,7 +1,7 @@
 """Evaluation through lmms-eval: a project-owned model class for the miniature (and real) LLaVA-1.5 and
 Qwen2.5-VL checkpoints, and the paper's score table.
 
-    from cgm_min.lmms_adapter import CGMMini, evaluate_lmms, paper_scores
+    from cgm_min.evaluate.lmms_adapter import CGMMini, evaluate_lmms, paper_scores
     lm = CGMMini(model=model, processor=processor)           # or CGMMini(pretrained="path/to/checkpoint")
     df = evaluate_lmms(lm, include_path="build/mini_data")   # tidy: task, metric, score, n
     paper_scores(df, target="caption")                        # Pre-Avg, Target, Hscore (Eq. 15), Avg (Eq. 14)
@@ -10,16 +10,16 @@ Qwen2.5-VL checkpoints, and the paper's score table.
 The tasks come from `data_scripts/build_mini_data.py` (one lmms-eval YAML per miniature task). The model
 class is registered in lmms-eval as "cgm_mini": in-process, `simple_evaluate(model="cgm_mini",
 model_args="pretrained=DIR")` works once this module is imported; on the command line lmms-eval finds it
-through the package's entry point (group "lmms_eval.models": cgm_mini = cgm_min.lmms_adapter:lmms_manifest):
+through the package's entry point (group "lmms_eval.models": cgm_mini = cgm_min.evaluate.lmms_adapter:lmms_manifest):
 
     python -m lmms_eval --model cgm_mini --model_args pretrained=DIR --batch_size 64 \
         --include_path build/mini_data --tasks mini_general,mini_targets
 
 Why not lmms-eval's own backends: `llava_hf` fails on log-likelihood requests with transformers 5 and
 `qwen2_5_vl` needs torchvision, which cannot be used with the CPU build of torch. This class evaluates both
-families with the project's own processors and prompts (`mini_models.Encoder`: the family's chat template
+families with the project's own processors and prompts (`world.models.Encoder`: the family's chat template
 around the task's question, exactly as in training) and the project's batched greedy decoding
-(`training.generate`: left padding, stop at the family's end token, keep the text before it).
+(`decoding.generate`: left padding, stop at the family's end token, keep the text before it).
 
 Only `generate_until` is implemented; log-likelihood and multi-round requests raise NotImplementedError.
 """
@@ -42,18 +42,19 @@ import torch  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from lmms_eval.api.registry import register_model  # noqa: E402
 
-from . import mini_models as mm  # noqa: E402
-from . import mini_tasks as mt  # noqa: E402
-from . import training  # noqa: E402
+from ..world import models as mm  # noqa: E402
+from ..world import tasks as mt  # noqa: E402
+from . import decoding  # noqa: E402
+from . import scores  # noqa: E402
 
 MODEL_NAME = "cgm_mini"
 TASK_PREFIX = "mini_"             # lmms-eval task name = "mini_" + miniature task name
 METRICS = ("exact_match", "relaxed_match")
-DEFAULT_BATCH_SIZE = 64           # = training.generate's default, so the batches (and outputs) are the same
+DEFAULT_BATCH_SIZE = 64           # = decoding.generate's default, so the batches (and outputs) are the same
 
 
 class _Query:
-    """What `mini_models.Encoder.prompts` needs from a sample (the image and the question), with a key
+    """What `world.models.Encoder.prompts` needs from a sample (the image and the question), with a key
     naming the document; the image is read from the data set only when it is needed."""
     __slots__ = ("key", "question", "_load", "_image")
 
@@ -68,7 +69,7 @@ class _Query:
 
 
 class _CachingEncoder(mm.Encoder):
-    """`mini_models.Encoder` that remembers the processor output of each batch of documents: a merge sweep
+    """`world.models.Encoder` that remembers the processor output of each batch of documents: a merge sweep
     evaluates the same documents in the same batches again and again, and only the weights change."""
 
     def __init__(self, processor, family, enabled: bool = True):
@@ -101,7 +102,7 @@ def _dtype(value):
 
 @register_model(MODEL_NAME)
 class CGMMini(lmms):
-    """lmms-eval model class for LLaVA-1.5 / Qwen2.5-VL checkpoints loaded with `mini_models.load_family`.
+    """lmms-eval model class for LLaVA-1.5 / Qwen2.5-VL checkpoints loaded with `world.models.load_family`.
 
     Construct it from an already loaded model (`CGMMini(model=m, processor=p)`: nothing is copied, the
     adapter evaluates `m` as it is now) or from a checkpoint directory (`CGMMini(pretrained=DIR)`, also
@@ -166,7 +167,7 @@ class CGMMini(lmms):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{MODEL_NAME}: pretrained={str(pretrained)!r} is not a checkpoint directory (no config.json). "
-                "Expected a LLaVA-1.5 or Qwen2.5-VL directory written by save_pretrained / mini_models.save_family.")
+                "Expected a LLaVA-1.5 or Qwen2.5-VL directory written by save_pretrained / world.models.save_family.")
         try:
             mm.family_of(json.loads((path / "config.json").read_text()))
         except ValueError as e:
@@ -201,7 +202,7 @@ class CGMMini(lmms):
         unknown = [k for k in state if k not in target]
         if unknown:
             on_disk = any(k.startswith(("language_model.", "vision_tower.")) for k in unknown)
-            hint = (" (these look like on-disk checkpoint names: load the checkpoint with mini_models.load_family "
+            hint = (" (these look like on-disk checkpoint names: load the checkpoint with world.models.load_family "
                     "and take model.state_dict())") if on_disk else ""
             raise KeyError(f"swap_weights: {len(unknown)} name(s) not in the model, e.g. {unknown[:3]}{hint}")
         bad = [f"{k}: {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
@@ -231,7 +232,7 @@ class CGMMini(lmms):
 
     def generate_until(self, requests) -> list[str]:
         """Batched greedy decoding. Requests are grouped by (task, generation settings) and kept in document
-        order, so each task is decoded in the same batches as `training.generate(model, encoder, samples,
+        order, so each task is decoded in the same batches as `decoding.generate(model, encoder, samples,
         max_new_tokens, batch_size)` on that task's samples: identical outputs."""
         t0 = time.perf_counter()
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -252,7 +253,7 @@ class CGMMini(lmms):
                 context, _, doc_to_visual, doc_id, _, _ = requests[i].args
                 queries.append(_Query((task, split, fingerprint, doc_id, context),
                                       context, self._visual_loader(task, docs, doc_id, doc_to_visual)))
-            texts = training.generate(self._model, self.encoder, queries, max_new_tokens=max_new,
+            texts = decoding.generate(self._model, self.encoder, queries, max_new_tokens=max_new,
                                       batch_size=self.batch_size)
             for i, text in zip(idx, texts):
                 for stop in until:
@@ -449,7 +450,7 @@ def paper_scores(df, target: str, general: Iterable[str] | None = None, scale: f
     Target, Hscore (Eq. 15) and Avg (Eq. 14), one row per metric (and per model when `df` has a "model"
     column, e.g. several evaluate_lmms results concatenated with df.assign(model=label)).
 
-    `general` defaults to the general tasks present in `df` (all of mini_tasks.GENERAL for a full run).
+    `general` defaults to the general tasks present in `df` (all of world.tasks.GENERAL for a full run).
     """
     import pandas as pd
     if target not in set(df["task"]):
@@ -465,7 +466,7 @@ def paper_scores(df, target: str, general: Iterable[str] | None = None, scale: f
         label = " | ".join(str(k) for k in key)
         results[label] = dict(zip(sub["task"], sub["score"]))
         index.append(key)
-    table = mt.paper_table(results, target, general, scale=scale)
+    table = scores.paper_table(results, target, general, scale=scale)
     table.index = (pd.MultiIndex.from_tuples(index, names=keys) if len(keys) > 1
                    else pd.Index([k[0] for k in index], name="metric"))
     return table

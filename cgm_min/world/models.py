@@ -117,7 +117,7 @@ def build_processor(family: str, corpus: Iterable[str] | None = None, vocab_size
     """A fresh processor (tokenizer trained on `corpus`, default: the miniature tasks' corpus)."""
     check_family(family)
     if corpus is None:
-        from .mini_tasks import tokenizer_corpus
+        from .tasks import tokenizer_corpus
         corpus = tokenizer_corpus()
     tok = train_tokenizer(family, corpus, vocab_size)
     if family == "llava":
@@ -228,8 +228,21 @@ def save_family(model, processor, path: str | os.PathLike) -> Path:
     return path
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """The config.json of a checkpoint folder, or a one-line error naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model folder {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no config.json")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
 def load_processor(path: str | os.PathLike, family: str | None = None):
-    family = family or family_of(json.loads((Path(path) / "config.json").read_text()))
+    family = family or family_of(read_config(path))
     cls = LlavaProcessor if family == "llava" else ImageOnlyQwen25VLProcessor
     return cls.from_pretrained(str(path))
 
@@ -241,14 +254,14 @@ def load_family(path: str | os.PathLike, dtype=torch.float32):
     whose `from_pretrained` reads a real checkpoint's tokenizer and image-processor files as well.
     """
     path = Path(path)
-    family = family_of(json.loads((path / "config.json").read_text()))
+    family = family_of(read_config(path))
     cls = LlavaForConditionalGeneration if family == "llava" else Qwen2_5_VLForConditionalGeneration
     model = cls.from_pretrained(str(path), dtype=dtype).eval()
     return model, load_processor(path, family)
 
 
-# The pre-trained miniatures shipped in the repository (made by `python -m cgm_min.training pretrain`, with a
-# provenance manifest: `python -m cgm_min.provenance verify checkpoints/NAME`).
+# The pre-trained miniatures shipped in the repository (made by `python -m cgm_min.world.training pretrain`, with a
+# provenance manifest: `python -m cgm_min.world.provenance verify checkpoints/NAME`).
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED = {"llava": "mini-llava-1.5", "qwen": "mini-qwen2.5-vl"}
 
@@ -259,7 +272,7 @@ def shipped_checkpoint(family: str) -> Path:
     path = CHECKPOINT_DIR / SHIPPED[family]
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the shipped {family} miniature is missing: no model.safetensors in {path}. "
-                                f"Make one with `python -m cgm_min.training pretrain --family {family} --out DIR`.")
+                                f"Make one with `python -m cgm_min.world.training pretrain --family {family} --out DIR`.")
     return path
 
 

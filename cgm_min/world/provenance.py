@@ -1,8 +1,8 @@
 """Provenance of the shipped miniature checkpoints: a manifest that says exactly how each was made, and the
 checks that the shipped files are what the pre-training script makes.
 
-    python -m cgm_min.provenance ship --run RUN_DIR --dest checkpoints/mini-llava-1.5 --command "..."
-    python -m cgm_min.provenance verify checkpoints/mini-llava-1.5
+    cgm-provenance ship --run RUN_DIR --dest checkpoints/mini-llava-1.5 --command "..."
+    cgm-provenance verify checkpoints/mini-llava-1.5
 
 `manifest.json` holds: the exact command, seed and configuration, library versions, a hash of the data the
 run saw (held-out sets and the first training batches), the per-task held-out scores (strict and relaxed),
@@ -10,16 +10,15 @@ the first recorded losses, the wall time, and the SHA-256 of every shipped file.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from . import mini_tasks as mt
+from . import tasks as mt
 from . import training as tr
-from .report import file_sha256 as sha256
+from ..report import file_sha256 as sha256
 
 MANIFEST = "manifest.json"
 FIRST_STEPS = 20                    # losses that CI reproduces by re-running the script's first steps
@@ -109,29 +108,3 @@ def rerun_first_losses(ckpt: Path, n: int = FIRST_STEPS) -> list[float]:
     cfg.eval_every = 0
     _, _, log = tr.pretrain(cfg, out=None, stop_after=n, progress=False)
     return log["losses"]
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cgm_min.provenance", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("ship", help="copy a finished run into the repository with its manifest")
-    s.add_argument("--run", required=True)
-    s.add_argument("--dest", required=True)
-    s.add_argument("--command", required=True, help="the exact command that made the run")
-    s.add_argument("--code-commit", help="git commit of the code that made the run")
-    v = sub.add_parser("verify", help="file hashes, and the first losses of a fresh run, against the manifest")
-    v.add_argument("ckpt")
-    a = ap.parse_args(argv)
-    if a.cmd == "ship":
-        print(f"shipped {ship(Path(a.run), Path(a.dest), a.command, a.code_commit)}")
-        return 0
-    bad = check_files(Path(a.ckpt))
-    want = read_manifest(Path(a.ckpt))["first_losses"]
-    got = rerun_first_losses(Path(a.ckpt), len(want))
-    worst = max(abs(x - y) / abs(y) for x, y in zip(got, want))
-    print(f"files differing from the manifest: {bad or 'none'}; first {len(want)} losses: max rel. diff {worst:.2e}")
-    return 0 if not bad and worst < 1e-4 else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

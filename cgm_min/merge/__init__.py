@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import cgm
+from .. import cgm
 
 Tensor = torch.Tensor
 
