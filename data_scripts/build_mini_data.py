@@ -172,7 +172,7 @@ metadata:
 
 def _build_into(root: Path, params: dict) -> dict:
     """Write everything into `root` (an empty directory); return the manifest."""
-    splits = [s for s in mt.SPLITS if params["n"][s] > 0]
+    splits = [s for s in mt.SPLITS if params["n"].get(s, 0) > 0]
     tasks = params["tasks"]
     manifest = {"format": FORMAT_VERSION, "params": params, "tasks": {}, "groups": {}, "files": {}}
     for task in tasks:

@@ -16,6 +16,7 @@ from cgm_min.world import tasks as mt
 from cgm_min.evaluate import decoding as dec
 from cgm_min.evaluate import scores as sc
 from cgm_min.world import training as tr
+from cgm_min.cli import train as cli_train
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,11 +335,11 @@ def test_curvature_command_line_writes_h_pt_of_a_saved_model(processors, tmp_pat
     model = mm.build_model("qwen", processors["qwen"], size="test", seed=0)
     mm.save_family(model, processors["qwen"], tmp_path / "m")
     out = tmp_path / "h" / "h_pt.safetensors"
-    assert tr.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "general", "--n-per-task", "1",
+    assert cli_train.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "general", "--n-per-task", "1",
                     "--out", str(out)]) == 0
     h, meta = tr.load_curvature(out)
     assert meta["kind"] == "h_pt" and meta["tasks"] == list(mt.GENERAL) and meta["n_per_task"] == 1
     ref = tr.calibration_fisher(mm.load_family(tmp_path / "m")[0], processors["qwen"], mt.GENERAL, 1)
     assert set(h) == set(ref) and all(torch.allclose(h[n], ref[n], rtol=1e-5, atol=0) for n in h)
     with pytest.raises(KeyError, match="unknown task"):
-        tr.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "colr", "--out", str(out)])
+        cli_train.main(["curvature", "--model", str(tmp_path / "m"), "--tasks", "colr", "--out", str(out)])

@@ -94,10 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"step {ev['step']}: Pre-Avg {ev['pre_avg_exact']:.3f} target {ev['scores'][cfg.target]['exact']:.3f}")
     elif a.cmd == "curvature":
         torch.set_num_threads(a.threads)
-        if Path(a.out).exists():
-            raise FileExistsError(f"{a.out} exists; choose another --out")
         general = a.tasks == "general"
         tasks = mt.GENERAL if general else tuple(mt.get_task(t).name for t in a.tasks.split(","))
+        if Path(a.out).exists():
+            raise FileExistsError(f"{a.out} exists; choose another --out")
         n = a.n_per_task or (tr.H_PT_SAMPLES if general else tr.H_FT_SAMPLES)
         if n < 1:
             raise ValueError(f"--n-per-task must be >= 1, got {n}")

@@ -260,9 +260,9 @@ def load_family(path: str | os.PathLike, dtype=torch.float32):
     return model, load_processor(path, family)
 
 
-# The pre-trained miniatures shipped in the repository (made by `python -m cgm_min.world.training pretrain`, with a
+# The pre-trained miniatures shipped in the repository (made by `cgm-train pretrain`, with a
 # provenance manifest: `python -m cgm_min.world.provenance verify checkpoints/NAME`).
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 SHIPPED = {"llava": "mini-llava-1.5", "qwen": "mini-qwen2.5-vl"}
 
 
@@ -272,7 +272,7 @@ def shipped_checkpoint(family: str) -> Path:
     path = CHECKPOINT_DIR / SHIPPED[family]
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the shipped {family} miniature is missing: no model.safetensors in {path}. "
-                                f"Make one with `python -m cgm_min.world.training pretrain --family {family} --out DIR`.")
+                                f"Make one with `cgm-train pretrain --family {family} --out DIR`.")
     return path
 
 

@@ -13,10 +13,10 @@ Two kinds of tasks:
            POPE, MMBench, ...); their mean is Pre-Avg.
   target   the downstream skill that fine-tuning teaches (the paper's OKVQA, Flickr30k, LaTeX-OCR).
 
-Splits. `train`, `calibration` and `heldout` are disjoint in content: every sample has a content key (its
-latent factors: colours, shapes, quadrants, sizes, jitters, operands, or the data-set row for the
-handwritten digits), the key's CRC-32 picks a bucket in 0..99 (0-79 train, 80-89 calibration, 90-99
-held-out), and a sample is redrawn (next attempt) until its key falls in its split's buckets. Hence no
+Splits. `train`, `calibration`, `validation` and `heldout` are disjoint in content: every sample has a
+content key (its latent factors: colours, shapes, quadrants, sizes, jitters, operands, or the data-set row
+for the handwritten digits), the key's CRC-32 picks a bucket in 0..99 (0-79 train, 80-84 calibration,
+85-89 validation, 90-99 held-out), and a sample is redrawn (next attempt) until its key falls in its split's buckets. Hence no
 (image, question) pair of the held-out split ever occurs in training. Two consequences: the handwritten
 digits are split by row of scikit-learn's data set (1797 rows), and addition, a text-only skill whose image
 is a blank of one random shade, is split by (operand pair, shade). Addition is a skill to keep, like the
@@ -24,6 +24,11 @@ paper's general suite, not a test of generalisation: all 100 operand pairs occur
 sample is a known pair asked over a blank shade never paired with it in training. (Splitting by operand pair
 alone would leave about 9 unseen pairs in the held-out split: a score in steps of 1/9 that measures
 extrapolation.)
+
+What each split is for: `train` trains; `calibration` measures curvature and activation statistics
+(h_pt: 8 samples per general task); `validation` chooses the hyperparameters of a merge; `heldout` reports.
+(`validation` was carved out of the former calibration buckets 85-89, so the train and held-out samples,
+and with them the shipped checkpoints, are unchanged.)
 
 Scores (exact and relaxed match, Pre-Avg, Hscore, Avg) live in `cgm_min.evaluate.scores`; this module
 only sorts wrong answers by kind (`answer_kind`).
@@ -41,9 +46,9 @@ from PIL import Image, ImageDraw
 from ..evaluate import scores
 
 IMAGE_SIZE = 32
-SPLITS = ("train", "calibration", "heldout")
+SPLITS = ("train", "calibration", "heldout", "validation")      # (order fixes each split's seed id)
 _SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
-_BUCKETS = {"train": (0, 80), "calibration": (80, 90), "heldout": (90, 100)}
+_BUCKETS = {"train": (0, 80), "calibration": (80, 85), "validation": (85, 90), "heldout": (90, 100)}
 
 COLOURS = {            # name -> RGB centre; each sample jitters every channel by up to +-15
     "red": (215, 35, 35),
