@@ -1,5 +1,6 @@
-"""The registry of merge methods (cgm_min.methods): lookups, and merge_state for every method on a small
-state dict, each against an independent reference (a stable sort of the method's own score)."""
+"""The registry of merge methods (cgm_min.merge): lookups and hyperparameter checks, and merge_state for the
+score-based methods on a small state dict, each against an independent reference (a stable sort of the
+method's own score). The other methods' defining properties are in test_merge_methods.py."""
 from __future__ import annotations
 
 import inspect
@@ -11,9 +12,12 @@ import torch
 
 from cgm_min import merge as methods
 from cgm_min.cgm import cgm_merge, revert_count
-from cgm_min.merge import METHODS, get_method, merge_state, register, revert_lowest
+from cgm_min.merge import METHODS, get_method, merge_state, register
+from cgm_min.merge.reversion import revert_lowest
 
-EXPECTED = {"fine_tuned", "linear", "cgm", "cgm_dagger", "magnitude", "score_ft_magnitude", "score_pt_magnitude"}
+EXPECTED = {"pre_trained", "fine_tuned", "linear", "task_arithmetic", "ties", "dare", "magnitude", "random_revert",
+            "wanda", "fisher_merging", "cgm", "cgm_dagger", "score_ft_magnitude",
+            "score_pt_magnitude"}
 MERGED = ["enc.weight", "dec.weight", "dec.bias"]
 
 
@@ -55,16 +59,19 @@ def assert_merged(merged, state_ft, want):
 def test_registry_contents():
     assert set(METHODS) == EXPECTED
     for name, m in METHODS.items():
-        assert get_method(name) is m and m.name == name and m.reference
+        assert get_method(name) is m and m.name == name and m.reference and m.rule and m.family
         params = list(inspect.signature(m.fn).parameters)
-        assert params[:4] == ["w_pt", "w_ft", "h_pt", "h_ft"], name
-        assert tuple(params[4:]) == m.hyperparameters, name
+        inputs = 1 if m.level == "tensor" else 4
+        assert tuple(params[inputs:]) == m.hyperparameters, name       # declared once: the signature
     assert METHODS["cgm"].uses_curvature and not METHODS["magnitude"].uses_curvature
+    assert "activations" in METHODS["wanda"].needs
+    table = methods.methods_table()
+    assert list(table.index) == list(METHODS) and table.loc["ties", "hyperparameters"] == "k in [0, 1], scale in [0, inf)"
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"unknown merge method 'ties'; registered: \[.*'cgm_dagger'.*\]"):
-        get_method("ties")
+    with pytest.raises(ValueError, match=r"unknown merge method 'tie'; registered: \[.*'cgm_dagger'.*\]"):
+        get_method("tie")
     with pytest.raises(ValueError, match=r"unknown merge method 'CGM'"):
         merge_state("CGM", *states(), alpha=1.0)
 
@@ -72,7 +79,7 @@ def test_unknown_method():
 def test_register_twice_is_refused():
     before = dict(METHODS)
     with pytest.raises(ValueError, match=r"merge method 'linear' registered twice"):
-        register("linear", ("lam",), False, "again")(lambda w_pt, w_ft, h_pt, h_ft, lam: w_ft)
+        register("linear", "interpolation", "again")(lambda t: t.w_ft)
     assert METHODS == before
 
 
@@ -117,7 +124,7 @@ def test_linear(dtype):
         ref = (0.7 * state_ft[n].double() + 0.3 * state_pt[n].double()).to(dtype)
         torch.testing.assert_close(merged[n], ref, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=1e-7)
     for lam in (-0.1, 1.5, math.nan):
-        with pytest.raises(ValueError, match=r"linear: lam must lie in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"linear: lam must be in \[0, 1\], got"):
             merge_state("linear", state_pt, state_ft, curv_pt, curv_ft, lam=lam)
 
 
@@ -170,7 +177,7 @@ def test_score_pt_magnitude(per_row):
     again = merge_state("score_pt_magnitude", state_pt, state_ft, curv_pt, curv_ft, alpha=7.0, k=k,
                         per_row=per_row)
     assert all(torch.equal(merged[n], again[n]) for n in MERGED)
-    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"score_pt_magnitude: alpha must be in \[0, inf\), got -1.0"):
         merge_state("score_pt_magnitude", state_pt, state_ft, curv_pt, curv_ft, alpha=-1.0, k=k)
 
 
@@ -258,8 +265,23 @@ def test_state_dict_checks_apply_to_every_method():
 
 def test_revert_lowest_checks_k():
     w = torch.zeros(2, 3)
+    t = methods.TensorInputs("w", torch.ones(2, 3), w)
     for k in (-0.5, 1.5):
         with pytest.raises(ValueError, match=r"k \(fraction of entries reverted\) must lie in \[0, 1\]"):
-            revert_lowest(w, w, w, k, True)
-    assert methods.revert_lowest(torch.ones(2, 3), w, torch.zeros(2, 3), 1 / 3, True).tolist() == \
-        [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+            revert_lowest(t, w, k, True)
+    assert revert_lowest(t, torch.zeros(2, 3), 1 / 3, True).tolist() == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("method, hyper, pattern", [
+    ("magnitude", {"k": 1.5}, r"magnitude: k must be in \[0, 1\], got 1.5"),
+    ("dare", {"p": 1.0}, r"dare: p must be in \[0, 1\), got 1.0"),
+    ("dare", {"p": 0.5, "seed": -1}, r"dare: seed must be an integer in \[0, inf\), got -1"),
+    ("random_revert", {"k": 0.5, "seed": 1.5}, r"random_revert: seed must be an integer in"),
+    ("task_arithmetic", {"scale": -0.1}, r"task_arithmetic: scale must be in \[0, inf\)"),
+    ("ties", {"k": 0.2, "scale": math.inf}, r"ties: scale must be in \[0, inf\), got inf"),
+    ("cgm", {"alpha": math.nan}, r"cgm: alpha must be in \[0, inf\), got nan"),
+    ("magnitude", {"k": 0.2, "per_row": "yes"}, r"magnitude: per_row must be True or False, got 'yes'"),
+    ("fisher_merging", {"lam_pt": True}, r"fisher_merging: lam_pt must be in \[0, 1\], got True")])
+def test_out_of_range_hyperparameters_are_refused_before_merging(method, hyper, pattern):
+    with pytest.raises(ValueError, match=rf"^{pattern}"):
+        merge_state(method, *states(), **hyper)
