@@ -261,18 +261,23 @@ def load_family(path: str | os.PathLike, dtype=torch.float32):
 
 
 # The pre-trained miniatures shipped in the repository (made by `cgm-train pretrain`, with a
-# provenance manifest: `python -m cgm_min.world.provenance verify checkpoints/NAME`).
+# provenance manifest: `cgm-provenance verify checkpoints/NAME`). "wide" is the capacity knob of the merge
+# experiment (decoder hidden 256); it exists for LLaVA only (the checkpoints must stay within 40 MB).
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
-SHIPPED = {"llava": "mini-llava-1.5", "qwen": "mini-qwen2.5-vl"}
+SHIPPED = {("llava", "small"): "mini-llava-1.5", ("qwen", "small"): "mini-qwen2.5-vl",
+           ("llava", "wide"): "mini-llava-1.5-wide"}
 
 
-def shipped_checkpoint(family: str) -> Path:
-    """The directory of the shipped pre-trained miniature of `family`."""
+def shipped_checkpoint(family: str, size: str = "small") -> Path:
+    """The directory of the shipped pre-trained miniature of `family` at `size`."""
     check_family(family)
-    path = CHECKPOINT_DIR / SHIPPED[family]
+    if (family, size) not in SHIPPED:
+        raise ValueError(f"no shipped {family} miniature of size {size!r}; shipped: "
+                         f"{sorted(f'{f}/{s}' for f, s in SHIPPED)}")
+    path = CHECKPOINT_DIR / SHIPPED[family, size]
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the shipped {family} miniature is missing: no model.safetensors in {path}. "
-                                f"Make one with `cgm-train pretrain --family {family} --out DIR`.")
+                                f"Make one with `cgm-train pretrain --family {family} --size {size} --out DIR`.")
     return path
 
 
