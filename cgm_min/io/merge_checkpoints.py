@@ -1,0 +1,1000 @@
+"""Merge real checkpoints by streaming: the Python API under `cgm-merge`.
+
+    from cgm_min.io.merge_checkpoints import load_config, plan_merge, merge_checkpoints
+    plan = plan_merge(load_config("merge.yaml"))      # reads headers only; every check that needs no tensor
+    print(plan.describe())                            # what `cgm-merge --dry-run` prints
+    plan.close()
+    record = merge_checkpoints("merge.yaml", "merged/")   # writes, verifies; returns cgm_merge.json's content
+
+The config (YAML, or the same mapping in Python; relative paths are relative to the config file's folder):
+
+    pre_trained: checkpoints/mini-llava-1.5     # folder, .safetensors file, or a hub id in your HF cache
+    fine_tuned: runs/llava-corners
+    curvature:                                  # for methods that use curvature (cgm, cgm_dagger, fisher_merging)
+      pre_trained: runs/h_pt                    # folder in the model's shard layout, or one .safetensors file
+      fine_tuned: runs/h_ft
+    method: cgm                                 # any data-free method of cgm_min.merge.METHODS
+    parameters: {alpha_normalised: 1.0}         # the method's hyperparameters; alpha or alpha_normalised
+    merge_set: {preset: llava-1.5, last_layers: 2}   # or {patterns: ["model.language_model.layers.3.*"]}
+    dtype: auto                                 # output dtype: auto (the fine-tuned model's), bfloat16, ...
+
+How a merge runs (one tensor at a time; never a whole model or curvature dict in memory):
+  1. `plan_merge` opens every header (reader.Checkpoint), maps both key layouts to in-memory names
+     (layouts.py), resolves the merge set, and refuses before writing anything: different tensor names,
+     shapes or dtypes between the models, curvature that does not cover the merge set or has the wrong
+     shape, unknown methods or hyperparameters, values out of range, patterns that match nothing, an
+     existing output folder, too little free disk space.
+  2. For `alpha_normalised`, alpha = alpha_norm * sum(h_ft) / sum(h_pt) is computed first by
+     `cgm.alpha_from_normalised` itself over the merge set, the curvature read one tensor at a time.
+  3. The output mirrors the fine-tuned model's shards (same file names, same tensor order, its index
+     file): each shard's header is written first, then every tensor. A merged tensor is read into reused
+     buffers and merged by the registry's function for its method, with the fine-tuned model's in-memory
+     name (so seeded methods draw what they draw in memory); CGM and linear use the chunked kernels of
+     chunked.py, bit-identical to the registry. Tensors outside the merge set are copied byte for byte.
+     Math is float32 (float64 for float64 weights), weights are cast before w_pt - w_ft, and results are
+     stored in the fine-tuned model's dtype (then cast when `dtype` asks for another).
+  4. Into a hidden folder beside OUT_DIR (outdir.AtomicOutputDir): the shards, the index, the fine-tuned
+     model's config, tokenizer, processor, chat template and generation config (missing ones from the
+     pre-trained folder), a README.md model card; the staged folder is verified (`verify_output`), then
+     cgm_merge.json (config, versions, SHA-256 of every input and output file, per-tensor statistics,
+     the verification) is added and the folder is renamed to OUT_DIR.
+SHA-256 hashes are computed by a background thread while the merge runs. The output is deterministic: the
+same config gives the same bytes in every file (no times or machine paths are recorded).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .. import cgm
+from ..merge import METHODS, MergeMethod, Range, get_method, merge_state
+from .chunked import CHUNK, Scratch, linear_chunked, soft_mix_chunked
+from .layouts import PRESETS, MergeSet, canonical_names, layout_of
+from .outdir import AtomicOutputDir
+from .reader import DTYPES, Buffer, Checkpoint, TensorInfo, dtype_code, pread_into
+from .writer import ShardWriter, index_json, sha256_fd, sha256_file
+
+CONFIG_KEYS = ("pre_trained", "fine_tuned", "curvature", "method", "parameters", "merge_set", "dtype")
+OUT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Files of a model folder that are not carried into the output: weights (written anew), the model card
+# (written anew), this tool's record, and the project's provenance manifest (it hashes the input's weights).
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.index\.json$")
+NOT_CARRIED = {"README.md", "cgm_merge.json", "manifest.json"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Throughput anchors of the streaming merge on the project's 2-vCPU machine class (bytes moved per second),
+# for the dry run's estimate only.
+WARM_BYTES_PER_S, COLD_BYTES_PER_S, START_S = 2.3e9, 0.8e9, 4.0
+
+
+class VerificationError(ValueError):
+    """The written output does not match the fine-tuned model (names, shapes, dtypes, bytes, loading)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The config.
+
+@dataclass(frozen=True)
+class MergeConfig:
+    pre_trained: str
+    fine_tuned: str
+    method: str
+    merge_set: MergeSet
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    curvature_pt: str | None = None
+    curvature_ft: str | None = None
+    dtype: str = "auto"
+    base_dir: Path = Path(".")
+    source: Path | None = None          # the config file, when read from one
+    text: str = ""                      # its text as given
+
+    def as_dict(self) -> dict:
+        """The config as a plain mapping (what the YAML file says, defaults filled in)."""
+        d: dict[str, Any] = {"pre_trained": self.pre_trained, "fine_tuned": self.fine_tuned}
+        if self.curvature_pt or self.curvature_ft:
+            d["curvature"] = {"pre_trained": self.curvature_pt, "fine_tuned": self.curvature_ft}
+        d["method"] = self.method
+        d["parameters"] = dict(self.parameters)
+        ms = self.merge_set
+        d["merge_set"] = ({"preset": ms.preset, **({"last_layers": ms.last_layers} if ms.last_layers is not None
+                                                   else {})} if ms.preset else {"patterns": list(ms.patterns)})
+        d["dtype"] = self.dtype
+        return d
+
+
+def _fail(msg: str):
+    raise ValueError(f"config: {msg}")
+
+
+def _str(value, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _mapping(value, key: str, allowed: Sequence[str]) -> dict:
+    if not isinstance(value, dict):
+        _fail(f"{key} must be a mapping, got {type(value).__name__}")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        _fail(f"unknown key {unknown[0]!r} in {key}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def data_free_methods() -> list[str]:
+    """Registry methods that need nothing at merge time beyond the two models and their curvature."""
+    return [n for n, m in METHODS.items() if m.level == "tensor" and m.needs <= {"curvature"}]
+
+
+def parse_config(data: Any, base_dir: str | os.PathLike = ".", source: Path | None = None, text: str = ""
+                 ) -> MergeConfig:
+    """A MergeConfig from a parsed YAML mapping; every field checked (one-line ValueError)."""
+    if not isinstance(data, dict):
+        _fail(f"the top level must be a mapping of {', '.join(CONFIG_KEYS)}, got {type(data).__name__}")
+    _mapping(data, "the config", CONFIG_KEYS)
+    for key in ("pre_trained", "fine_tuned", "method", "merge_set"):
+        if key not in data:
+            _fail(f"missing {key}")
+    method = _str(data["method"], "method")
+    if method not in METHODS:
+        _fail(f"unknown method {method!r}; data-free methods: {', '.join(data_free_methods())}")
+    m = METHODS[method]
+    if method not in data_free_methods():
+        _fail(f"method {method} needs {', '.join(sorted(m.needs - {'curvature'})) or 'the whole model'} at merge "
+              f"time; cgm-merge runs the data-free methods: {', '.join(data_free_methods())}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        _fail(f"parameters must be a mapping of hyperparameter names to values, got {params!r}")
+    params = dict(params)
+    for k, v in params.items():
+        if isinstance(v, (dict, list)):
+            _fail(f"parameters.{k} must be a number or true/false, got {v!r}")
+    if "alpha_normalised" in params:
+        if "alpha" not in m.ranges:
+            _fail(f"alpha_normalised is for methods with an alpha; {method} takes {list(m.ranges) or 'nothing'}")
+        if "alpha" in params:
+            _fail("give alpha or alpha_normalised, not both")
+        Range(0.0).check(method, "alpha_normalised", params["alpha_normalised"])
+        m.check({**{k: v for k, v in params.items() if k != "alpha_normalised"}, "alpha": 0.0})
+    else:
+        m.check(params)
+    curv = data.get("curvature")
+    c_pt = c_ft = None
+    if curv is not None:
+        _mapping(curv, "curvature", ("pre_trained", "fine_tuned"))
+        if set(curv) != {"pre_trained", "fine_tuned"}:
+            _fail("curvature needs both pre_trained (h_pt) and fine_tuned (h_ft)")
+        c_pt, c_ft = _str(curv["pre_trained"], "curvature.pre_trained"), _str(curv["fine_tuned"], "curvature.fine_tuned")
+    if m.uses_curvature and c_pt is None:
+        _fail(f"method {method} uses curvature: give curvature.pre_trained and curvature.fine_tuned")
+    ms = _mapping(data["merge_set"], "merge_set", ("preset", "last_layers", "patterns"))
+    if ("preset" in ms) == ("patterns" in ms):
+        _fail(f"merge_set needs a preset ({', '.join(PRESETS)}) or a list of patterns, not both")
+    if "preset" in ms:
+        preset = _str(ms["preset"], "merge_set.preset")
+        if preset not in PRESETS:
+            _fail(f"unknown merge_set preset {preset!r}; presets: {', '.join(PRESETS)}")
+        k = ms.get("last_layers")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            _fail(f"merge_set.last_layers must be an integer >= 0, got {k!r}")
+        merge_set = MergeSet(preset=preset, last_layers=k)
+    else:
+        if "last_layers" in ms:
+            _fail("merge_set.last_layers goes with a preset")
+        pats = ms["patterns"]
+        if isinstance(pats, str):
+            pats = [pats]
+        if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
+            _fail(f"merge_set.patterns must be a non-empty list of glob patterns, got {pats!r}")
+        merge_set = MergeSet(patterns=tuple(pats))
+    dtype = data.get("dtype", "auto")
+    if not isinstance(dtype, str) or dtype not in OUT_DTYPES:
+        _fail(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
+    return MergeConfig(_str(data["pre_trained"], "pre_trained"), _str(data["fine_tuned"], "fine_tuned"), method,
+                       merge_set, params, c_pt, c_ft, dtype, Path(base_dir), source, text)
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml, Loader
+
+
+def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and check a YAML config file (one-line errors for every kind of bad file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no config file {path}")
+    if not path.is_file():
+        raise IsADirectoryError(f"config {path} is not a file")
+    raw = path.read_bytes()
+    if len(raw) > 1 << 20:
+        raise ValueError(f"{path}: a config of {len(raw)} bytes is not a merge config (limit 1 MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (not UTF-8)") from None
+    yaml, Loader = _yaml_loader()
+    try:
+        data = yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).split("\n")[0]
+        raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"{path}: invalid YAML: nested too deeply") from None
+    try:
+        return parse_config(data, path.parent, path, text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: config nested too deeply") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: everything decided before a tensor is read.
+
+def resolve_input(ref: str, base_dir: Path, what: str) -> Path:
+    """A local path (absolute, or relative to the config's folder), else a hub id found in the local
+    Hugging Face cache (never downloaded)."""
+    p = Path(ref).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if p.exists():
+        return p
+    if HUB_ID.fullmatch(ref):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception:                       # not in the cache (or no huggingface_hub): say so below
+            pass
+        raise FileNotFoundError(f"{what}: {ref} is neither a path nor a model in the local Hugging Face cache "
+                                f"(nothing is downloaded; fetch it first, e.g. `hf download {ref}`)")
+    raise FileNotFoundError(f"{what}: no such file or folder: {p}")
+
+
+def read_model_config(folder: Path) -> dict | None:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{cfg} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg} is not a JSON object")
+    return data
+
+
+@dataclass
+class TensorPlan:
+    name: str                    # the fine-tuned model's (and the output's) stored name
+    canonical: str               # the in-memory name
+    merged: bool
+    ft: TensorInfo
+    pt: TensorInfo
+    out_dtype: str               # safetensors code
+    h_pt: TensorInfo | None = None
+    h_ft: TensorInfo | None = None
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.ft.numel * DTYPES[self.out_dtype][1]
+
+    @property
+    def bytes_read(self) -> int:
+        if not self.merged:
+            return self.ft.nbytes
+        return self.ft.nbytes + self.pt.nbytes + sum(h.nbytes for h in (self.h_pt, self.h_ft) if h)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    hyperparameters: dict
+    paths: dict[str, Path]
+    pt: Checkpoint
+    ft: Checkpoint
+    h_pt: Checkpoint | None
+    h_ft: Checkpoint | None
+    model_type: str | None
+    layouts: dict[str, str]
+    tensors: list[TensorPlan]
+    shards: dict[str, list[TensorPlan]]
+    index_name: str | None
+    carried: dict[str, Path]
+    notes: list[str]
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.merged]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.bytes_read for t in self.tensors)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    @property
+    def alpha_normalised(self) -> float | None:
+        return self.config.parameters.get("alpha_normalised")
+
+    @property
+    def chunked(self) -> bool:
+        return self.method.name in ("cgm", "linear")
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of each reused buffer the merge allocates (the largest tensor each one holds)."""
+        merged = self.merged
+        cast = [t for t in self.tensors if not t.merged and t.out_dtype != t.ft.dtype]
+        b = {"pre_trained": max((t.pt.nbytes for t in merged), default=0),
+             "fine_tuned": max((t.ft.nbytes for t in merged + cast), default=0),
+             "output": max((t.out_nbytes for t in merged + cast), default=0)}
+        if self.h_pt is not None:
+            b["h_pt"] = max((t.h_pt.nbytes for t in merged), default=0)
+            b["h_ft"] = max((t.h_ft.nbytes for t in merged), default=0)
+        return b
+
+    def peak_memory_estimate(self) -> int:
+        base = 450 << 20                               # python + torch + transformers, measured
+        scratch = 12 * CHUNK * 8
+        work = 0 if self.chunked else 6 * max((t.ft.numel for t in self.merged), default=0) * 4
+        if self.alpha_normalised is not None:
+            work = max(work, 8 * max((t.ft.numel for t in self.merged), default=0))
+        return base + scratch + sum(self.buffer_bytes().values()) + work
+
+    def describe(self) -> str:
+        """The dry run's report: inputs, method, merge set, bytes, estimated time and peak memory."""
+        c, gb = self.config, 1e9
+        hp = dict(self.hyperparameters)
+        if self.alpha_normalised is not None:
+            hp["alpha"] = f"{self.alpha_normalised:g} x sum(h_ft)/sum(h_pt) (computed when merging)"
+        lines = [f"method      {self.method.name}: {self.method.reference}",
+                 f"            {', '.join(f'{k} = {v}' for k, v in hp.items()) or 'no hyperparameters'}"]
+        for role, ck in (("pre_trained", self.pt), ("fine_tuned", self.ft), ("h_pt", self.h_pt), ("h_ft", self.h_ft)):
+            if ck is not None:
+                lines.append(f"{role:<11} {ck.path} ({len(ck)} tensors in {len(ck.files)} file(s), "
+                             f"{self.layouts[role]} key layout)")
+        merged = self.merged
+        params = sum(t.ft.numel for t in merged)
+        lines.append(f"merge set   {c.merge_set.describe()}: {len(merged)} of {len(self.tensors)} tensors, "
+                     f"{params:,} parameters")
+        for t in merged:
+            lines.append(f"  merge  {t.name}  {t.ft.dtype}{list(t.ft.shape)}")
+        lines.append(f"copied      {len(self.tensors) - len(merged)} tensors unchanged from fine_tuned")
+        w = self.bytes_written
+        verify = 2 * sum(t.ft.nbytes for t in self.tensors if not t.merged)
+        moved = self.bytes_read + w
+        warm = START_S + (moved + verify) / WARM_BYTES_PER_S
+        cold = START_S + (moved + verify) / COLD_BYTES_PER_S
+        if self.alpha_normalised is not None:
+            extra = sum(t.h_pt.nbytes + t.h_ft.nbytes for t in merged)
+            lines.append(f"alpha       one extra pass over the curvature ({extra / gb:.2f} GB) for the sums")
+            warm, cold = warm + extra / WARM_BYTES_PER_S, cold + extra / COLD_BYTES_PER_S
+        lines += [f"read        {self.bytes_read / gb:.2f} GB (+ {verify / 2 / gb:.2f} GB again to verify)",
+                  f"write       {w / gb:.2f} GB in {len(self.shards)} shard(s): {', '.join(self.shards)}"
+                  + (f" + {self.index_name}" if self.index_name else ""),
+                  f"carried     {', '.join(self.carried) or 'nothing'}",
+                  f"estimate    about {warm:.0f} s with inputs in the page cache, {cold:.0f} s cold "
+                  f"(2-vCPU anchors); peak memory about {self.peak_memory_estimate() / gb:.2f} GB"]
+        lines += [f"note        {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for ck in (self.pt, self.ft, self.h_pt, self.h_ft):
+            if ck is not None:
+                ck.close()
+
+
+def _model_folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a equals b or lies inside it (real paths)."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return a == b or b in a.parents
+
+
+def _check_output_location(out_dir: Path, inputs: Mapping[str, Path], overwrite: bool, need: int) -> None:
+    out = Path(os.path.abspath(out_dir))
+    for role, p in inputs.items():
+        folder = _model_folder(p)
+        if _inside(out, folder) or _inside(folder, out) or _inside(p, out):
+            raise ValueError(f"output folder {out} overlaps the {role} input {p}; choose another output folder")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise OSError(28, f"not enough free space for {out}: the merge writes {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB are free")
+
+
+def _carried_files(ft_folder: Path, pt_folder: Path, skip: set[str]) -> dict[str, Path]:
+    """Config, tokenizer, processor, chat template, generation config...: the fine-tuned folder's
+    non-weight files, and the pre-trained folder's where the fine-tuned one lacks them."""
+    out: dict[str, Path] = {}
+    for folder in (ft_folder, pt_folder):
+        for p in sorted(folder.iterdir()):
+            if (p.is_file() and not p.name.startswith(".") and p.name not in NOT_CARRIED
+                    and not WEIGHT_FILE.fullmatch(p.name) and p.name not in skip and p.name not in out):
+                out[p.name] = p
+    return out
+
+
+def plan_merge(config: MergeConfig, out_dir: str | os.PathLike | None = None, overwrite: bool = False
+               ) -> MergePlan:
+    """Open every header and decide the whole merge; raises a one-line error for any bad input. The
+    returned plan holds open read-only files: close() it (merge_checkpoints does)."""
+    method = get_method(config.method)
+    paths = {"pre_trained": resolve_input(config.pre_trained, config.base_dir, "pre_trained"),
+             "fine_tuned": resolve_input(config.fine_tuned, config.base_dir, "fine_tuned")}
+    notes: list[str] = []
+    if config.curvature_pt and method.uses_curvature:
+        paths["h_pt"] = resolve_input(config.curvature_pt, config.base_dir, "curvature.pre_trained")
+        paths["h_ft"] = resolve_input(config.curvature_ft, config.base_dir, "curvature.fine_tuned")
+    elif config.curvature_pt:
+        notes.append(f"the curvature files are not read: {method.name} does not use curvature")
+    opened: list[Checkpoint] = []
+    try:
+        pt = Checkpoint(paths["pre_trained"], "pre_trained")
+        opened.append(pt)
+        ft = Checkpoint(paths["fine_tuned"], "fine_tuned")
+        opened.append(ft)
+        cfg_ft = read_model_config(_model_folder(paths["fine_tuned"]))
+        cfg_pt = read_model_config(_model_folder(paths["pre_trained"]))
+        mt_ft = (cfg_ft or {}).get("model_type")
+        mt_pt = (cfg_pt or {}).get("model_type")
+        if mt_ft and mt_pt and mt_ft != mt_pt:
+            raise ValueError(f"pre_trained is a {mt_pt} model but fine_tuned is a {mt_ft} model")
+        model_type = mt_ft or mt_pt
+        if model_type is None:
+            notes.append("no config.json: tensor names are used as stored, and the output is not loaded "
+                         "with transformers to verify it")
+        c_pt = canonical_names(model_type, pt.names, "pre_trained")
+        c_ft = canonical_names(model_type, ft.names, "fine_tuned")
+        if set(c_pt) != set(c_ft):
+            only_pt, only_ft = sorted(set(c_pt) - set(c_ft)), sorted(set(c_ft) - set(c_pt))
+            raise ValueError(f"pre_trained and fine_tuned hold different tensors: {len(only_pt)} only in "
+                             f"pre_trained {only_pt[:3]}, {len(only_ft)} only in fine_tuned {only_ft[:3]}")
+        for c, n in c_ft.items():
+            a, b = pt.info(c_pt[c]), ft.info(n)
+            if a.shape != b.shape:
+                raise ValueError(f"{c}: shape {list(a.shape)} in pre_trained but {list(b.shape)} in fine_tuned "
+                                 "(are these the same architecture?)")
+            if a.dtype != b.dtype:
+                raise ValueError(f"{c}: dtype {a.dtype} in pre_trained but {b.dtype} in fine_tuned; save both "
+                                 "in one dtype")
+        canonical = list(c_ft)
+        merged = set(config.merge_set.resolve(model_type, canonical))
+        if not merged:
+            raise ValueError(f"merge_set: {config.merge_set.describe()} selects no tensor")
+        for c in canonical:
+            if c in merged and not ft.info(c_ft[c]).is_float:
+                raise ValueError(f"merge_set: {c} is {ft.info(c_ft[c]).dtype}, not a floating-point tensor")
+        h = {}
+        if "h_pt" in paths:
+            for role, label in (("h_pt", "curvature.pre_trained"), ("h_ft", "curvature.fine_tuned")):
+                ck = Checkpoint(paths[role], label)
+                opened.append(ck)
+                names = canonical_names(model_type, ck.names, label)
+                unknown = [n for n in names if n not in c_ft]
+                if unknown:
+                    raise ValueError(f"{label} names {len(unknown)} tensors that are not in the model, e.g. "
+                                     f"{unknown[0]!r}")
+                missing = [c for c in canonical if c in merged and c not in names]
+                if missing:
+                    raise ValueError(f"{label} does not cover the merge set: no curvature for {len(missing)} "
+                                     f"merged tensors, e.g. {missing[0]!r}")
+                for c in canonical:
+                    if c in merged:
+                        hi, wi = ck.info(names[c]), ft.info(c_ft[c])
+                        if hi.shape != wi.shape:
+                            raise ValueError(f"{label}: {c} has shape {list(hi.shape)} but the model's tensor "
+                                             f"has {list(wi.shape)}")
+                        if not hi.is_float:
+                            raise ValueError(f"{label}: {c} is {hi.dtype}; curvature must be floating point")
+                h[role] = (ck, names)
+        out_dt = OUT_DTYPES[config.dtype]
+        tensors: list[TensorPlan] = []
+        shards: dict[str, list[TensorPlan]] = {}
+        single_name = "model.safetensors"
+        canonical_of = {n: c for c, n in c_ft.items()}
+        for n, info in ft.infos.items():
+            c = canonical_of[n]
+            code = dtype_code(out_dt) if out_dt is not None and info.is_float else info.dtype
+            tp = TensorPlan(n, c, c in merged, info, pt.info(c_pt[c]), code)
+            if tp.merged and h:
+                tp.h_pt = h["h_pt"][0].info(h["h_pt"][1][c])
+                tp.h_ft = h["h_ft"][0].info(h["h_ft"][1][c])
+            tensors.append(tp)
+            shards.setdefault(info.file.name if ft.sharded else single_name, []).append(tp)
+        hp = dict(config.parameters)
+        if "alpha_normalised" in hp:
+            hp.pop("alpha_normalised")
+            hp = method.check({**hp, "alpha": 0.0})
+            hp.pop("alpha")
+        else:
+            hp = method.check(hp)
+        index_name = "model.safetensors.index.json" if ft.sharded else None
+        ft_folder, pt_folder = _model_folder(paths["fine_tuned"]), _model_folder(paths["pre_trained"])
+        carried = _carried_files(ft_folder, pt_folder, set(shards) | {index_name or ""})
+        layouts = {"pre_trained": layout_of(model_type, pt.names), "fine_tuned": layout_of(model_type, ft.names)}
+        for role in h:
+            layouts[role] = layout_of(model_type, h[role][0].names)
+        plan = MergePlan(config, method, hp, paths, pt, ft, h.get("h_pt", (None,))[0], h.get("h_ft", (None,))[0],
+                         model_type, layouts, tensors, shards, index_name, carried, notes)
+        if out_dir is not None:
+            need = plan.bytes_written + sum(p.stat().st_size for p in carried.values()) + (1 << 20)
+            _check_output_location(Path(out_dir), paths, overwrite, need)
+        return plan
+    except BaseException:
+        for ck in opened:
+            ck.close()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging one tensor.
+
+class LazyTensors(Mapping):
+    """A read-only mapping {canonical name: tensor} that reads each tensor when it is looked up (a view into
+    the checkpoint's buffer, valid until the next lookup): lets whole-dict reference functions such as
+    cgm.alpha_from_normalised run over files without holding them."""
+
+    def __init__(self, ckpt: Checkpoint, names: Mapping[str, str]):
+        self.ckpt, self.names = ckpt, dict(names)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.ckpt.read(self.names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def reference_merge(method: str, name: str, w_pt: torch.Tensor, w_ft: torch.Tensor, h_pt: torch.Tensor | None,
+                    h_ft: torch.Tensor | None, hyperparameters: Mapping) -> torch.Tensor:
+    """`merge_state` on one tensor: the in-memory reference, all of its checks included."""
+    curv = ({name: h_pt}, {name: h_ft}) if h_pt is not None else (None, None)
+    return merge_state(method, {name: w_pt}, {name: w_ft}, *curv, names=[name], **hyperparameters)[name]
+
+
+def tensor_stats(w_pt: torch.Tensor, w_ft: torch.Tensor, res: torch.Tensor, block: int = 1 << 20) -> dict:
+    """n, n_delta (entries whose bits differ between w_pt and w_ft), reverted (of those, entries whose result
+    equals w_pt bit for bit) and mean_lam (the mean of (w - w_ft) / (w_pt - w_ft) over entries whose values
+    differ: where the result sits between w_ft (0) and w_pt (1)), in slices of `block` entries."""
+    from .chunked import _BITS
+    bits = _BITS[w_ft.element_size()]
+    p, f, r = w_pt.reshape(-1), w_ft.reshape(-1), res.reshape(-1)
+    n = f.numel()
+    n_delta = reverted = n_val = 0
+    lam_sum = 0.0
+    for i in range(0, n, block):
+        sp, sf, sr = p[i:i + block], f[i:i + block], r[i:i + block]
+        differ = sp.view(bits) != sf.view(bits)
+        n_delta += int(differ.sum())
+        reverted += int((differ & (sr.view(bits) == sp.view(bits))).sum())
+        d = sp.double() - sf.double()
+        keep = d != 0
+        n_val += int(keep.sum())
+        lam_sum += float(((sr.double() - sf.double())[keep] / d[keep]).sum())
+    return {"n": n, "n_delta": n_delta, "reverted": reverted, "mean_lam": lam_sum / n_val if n_val else 0.0}
+
+
+class Merger:
+    """Merges the tensors of a plan one at a time into a reused output buffer."""
+
+    def __init__(self, plan: MergePlan, hyperparameters: Mapping):
+        self.plan, self.hp = plan, dict(hyperparameters)
+        self.scratch = Scratch()
+        self.out = Buffer()
+        for role, nbytes in plan.buffer_bytes().items():
+            ck = {"pre_trained": plan.pt, "fine_tuned": plan.ft, "h_pt": plan.h_pt, "h_ft": plan.h_ft}.get(role)
+            (ck.buffer if ck is not None else self.out).reserve(nbytes)
+
+    def merge(self, tp: TensorPlan) -> tuple[torch.Tensor, dict]:
+        """(the merged tensor in the output dtype, flat, a view into the output buffer; its statistics)."""
+        p = self.plan
+        w_pt, w_ft = p.pt.read(tp.pt.name), p.ft.read(tp.name)
+        h_pt = p.h_pt.read(tp.h_pt.name) if tp.h_pt is not None else None
+        h_ft = p.h_ft.read(tp.h_ft.name) if tp.h_ft is not None else None
+        out_dt = DTYPES[tp.out_dtype][0]
+        self.out.reserve(tp.out_nbytes)
+        out = self.out.tensor(tp.out_nbytes, out_dt, (tp.ft.numel,))
+        flat = [t.reshape(-1) if t is not None else None for t in (w_pt, w_ft, h_pt, h_ft)]
+        stats = None
+        if p.method.name == "cgm":
+            stats = soft_mix_chunked(*flat, self.hp["alpha"], out, self.scratch)
+        elif p.method.name == "linear":
+            stats = linear_chunked(flat[0], flat[1], self.hp["lam"], out, self.scratch)
+        if stats is None:          # the reference: every other method, and inputs the kernels decline
+            res = reference_merge(p.method.name, tp.canonical, w_pt, w_ft, h_pt, h_ft, self.hp)
+            stats = tensor_stats(w_pt, w_ft, res)
+            out.copy_(res.reshape(-1))
+        return out, stats
+
+    def cast(self, tp: TensorPlan) -> torch.Tensor:
+        """A tensor outside the merge set, cast to the output dtype."""
+        w = self.plan.ft.read(tp.name).reshape(-1)
+        self.out.reserve(tp.out_nbytes)
+        out = self.out.tensor(tp.out_nbytes, DTYPES[tp.out_dtype][0], (tp.ft.numel,))
+        return out.copy_(w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing in the background.
+
+class Hasher:
+    """SHA-256 of files on one background thread (hashlib and preadv release the GIL), so hashing runs on
+    the second core while the merge computes."""
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.stop = threading.Event()
+        self.jobs: dict[tuple, concurrent.futures.Future] = {}
+
+    def _hash(self, key, source):
+        if self.stop.is_set():
+            return None
+        if isinstance(source, int):
+            return sha256_fd(source, stop=self.stop)
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            return sha256_fd(fd, stop=self.stop)
+        finally:
+            os.close(fd)
+
+    def add(self, key: tuple, source: Path | int) -> None:
+        if key not in self.jobs:
+            self.jobs[key] = self.pool.submit(self._hash, key, source)
+
+    def result(self, key: tuple) -> str:
+        return self.jobs[key].result()
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            self.stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification of the written folder.
+
+def _same_bytes(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int, bufs: tuple[Buffer, Buffer],
+                block: int = 32 << 20) -> bool:
+    a, b = bufs
+    a.reserve(min(n, block))
+    b.reserve(min(n, block))
+    done = 0
+    while done < n:
+        k = min(block, n - done)
+        pread_into(fd_a, a.view[:k], off_a + done)
+        pread_into(fd_b, b.view[:k], off_b + done)
+        if not torch.equal(a.data[:k], b.data[:k]):
+            return False
+        done += k
+    return True
+
+
+def transformers_load_check(folder: Path) -> dict:
+    """Load `folder` the way a user would, on the meta device (no weights in memory): the model class of
+    config.json's `architectures`, `from_pretrained(device_map="meta", output_loading_info=True)`."""
+    cfg = read_model_config(folder) or {}
+    archs = cfg.get("architectures") or []
+    import transformers
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        return {"checked": False, "why": f"no transformers class for architectures {archs}"}
+    from transformers.utils import logging as tlog
+    verbosity = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        _, info = cls.from_pretrained(str(folder), device_map="meta", output_loading_info=True)
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+    return {"checked": True, "class": cls.__name__,
+            **{k: sorted(map(str, info.get(k, ()))) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}}
+
+
+def verify_output(folder: Path, plan: MergePlan) -> dict:
+    """Check a written merge against the fine-tuned model: the same tensor names (and index), shapes and
+    dtypes (the output dtype where one was asked for); every tensor outside the merge set byte-identical
+    (equal after the cast when the dtype changed); and, with a config.json, a transformers load on the meta
+    device with zero missing, unexpected and mismatched keys. Raises VerificationError."""
+    out = Checkpoint(folder, "output")
+    try:
+        ft = plan.ft
+        if set(out.names) != set(ft.names):
+            extra, missing = sorted(set(out.names) - set(ft.names)), sorted(set(ft.names) - set(out.names))
+            raise VerificationError(f"verification failed: output tensors differ from fine_tuned (missing "
+                                    f"{missing[:3]}, unexpected {extra[:3]})")
+        if out.sharded != ft.sharded or (ft.sharded and out.index["weight_map"] != ft.index["weight_map"]):
+            raise VerificationError("verification failed: the output's shards differ from fine_tuned's")
+        bufs = (Buffer(), Buffer())
+        identical = 0
+        for tp in plan.tensors:
+            o = out.info(tp.name)
+            if o.shape != tp.ft.shape or o.dtype != tp.out_dtype:
+                raise VerificationError(f"verification failed: {tp.name} is {o.dtype}{list(o.shape)}, expected "
+                                        f"{tp.out_dtype}{list(tp.ft.shape)}")
+            if tp.merged:
+                continue
+            if tp.out_dtype == tp.ft.dtype:
+                same = _same_bytes(out.fd(tp.name), o.start, ft.fd(tp.name), tp.ft.start, o.nbytes, bufs)
+            else:
+                same = torch.equal(out.read(tp.name), ft.read(tp.name).to(DTYPES[tp.out_dtype][0]))
+            if not same:
+                raise VerificationError(f"verification failed: {tp.name} is outside the merge set but differs "
+                                        "from fine_tuned")
+            identical += 1
+        report = {"tensors": len(plan.tensors), "merged": len(plan.merged), "unchanged_identical": identical,
+                  "names_shapes_dtypes": "equal to fine_tuned"}
+        if (folder / "config.json").is_file():
+            tf = transformers_load_check(folder)
+            report["transformers"] = tf
+            if tf["checked"] and (tf["missing_keys"] or tf["unexpected_keys"] or tf["mismatched_keys"]):
+                raise VerificationError(
+                    f"verification failed: transformers {tf['class']} reports {len(tf['missing_keys'])} missing, "
+                    f"{len(tf['unexpected_keys'])} unexpected, {len(tf['mismatched_keys'])} mismatched keys, e.g. "
+                    f"{(tf['missing_keys'] + tf['unexpected_keys'] + tf['mismatched_keys'])[0]}")
+        else:
+            report["transformers"] = {"checked": False, "why": "no config.json"}
+        return report
+    finally:
+        out.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card.
+
+def model_card(plan: MergePlan, out_name: str, hp: Mapping, stats: Mapping[str, dict], record_alpha: dict | None
+               ) -> str:
+    import yaml
+    c, m = plan.config, plan.method
+    front: dict[str, Any] = {"base_model": c.pre_trained, "library_name": "transformers"}
+    if plan.model_type in ("llava", "qwen2_5_vl"):
+        front["pipeline_tag"] = "image-text-to-text"
+    front["tags"] = ["merge", "cgm-merge", m.name] + ([plan.model_type] if plan.model_type else [])
+    front["merge_method"] = m.name
+    front["merge_parameters"] = {k: v for k, v in hp.items()}
+    n = sum(s["n"] for s in stats.values())
+    nd = sum(s["n_delta"] for s in stats.values())
+    mean_lam = sum(s["mean_lam"] * s["n"] for s in stats.values()) / n if n else 0.0
+    rev = sum(s["reverted"] for s in stats.values())
+    rows = [("method", f"`{m.name}`: {m.reference}"), ("rule", m.rule),
+            ("hyperparameters", ", ".join(f"{k} = {v}" for k, v in hp.items()) or "none")]
+    if record_alpha:
+        rows.append(("alpha", f"alpha_normalised {record_alpha['alpha_normalised']} x sum(h_ft) / sum(h_pt) = "
+                              f"{record_alpha['alpha']}"))
+    rows += [("pre-trained", f"`{c.pre_trained}`"), ("fine-tuned", f"`{c.fine_tuned}`"),
+             ("merge set", f"{c.merge_set.describe()} ({len(stats)} tensors, {n:,} entries)"),
+             ("mean lam", f"{mean_lam:.4f}"),
+             ("fraction reverted", f"{rev / nd:.4f} of the entries where the models differ" if nd else "-"),
+             ("tool", f"cgm_min {_version()} (`cgm-merge`)")]
+    table = "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {out_name}\n\n"
+            f"A merge of a fine-tuned model with its pre-trained base, written by `cgm-merge` "
+            f"(Curvature-Guided Mixing, arXiv:2606.24963).\n\n| | |\n|---|---|\n{table}\n\n"
+            "Tensors outside the merge set are the fine-tuned model's, byte for byte. After writing, the folder "
+            "was loaded with transformers on the meta device (zero missing, unexpected and mismatched keys) and "
+            "compared with the fine-tuned model tensor by tensor. `cgm_merge.json` records the config, the "
+            "SHA-256 of every input and output file, and the statistics of every merged tensor.\n")
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole merge.
+
+def _config_json_for(src: Path, out_dtype: str) -> str:
+    """config.json with its dtype fields set to the output dtype (top level and sub-configs)."""
+    cfg = json.loads(src.read_text())
+
+    def fix(d):
+        for key in ("dtype", "torch_dtype"):
+            if key in d:
+                d[key] = out_dtype
+        for v in d.values():
+            if isinstance(v, dict):
+                fix(v)
+    fix(cfg)
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def merge_checkpoints(config: MergeConfig | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+                      progress: bool = True, threads: int = 1, log=print) -> dict:
+    """Merge as `config` says into `out_dir` (atomically), verify the output, and return the record that
+    is written to OUT_DIR/cgm_merge.json. Raises a one-line ValueError / OSError on bad input; then nothing
+    is written and the inputs are untouched."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    plan = plan_merge(cfg, out_dir, overwrite)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    hasher = Hasher()
+    try:
+        return _run(plan, Path(out_dir), overwrite, progress, hasher, log)
+    except BaseException:
+        hasher.close(cancel=True)
+        raise
+    finally:
+        hasher.close()
+        torch.set_num_threads(old_threads)
+        plan.close()
+
+
+def _input_files(plan: MergePlan) -> dict[str, list[Path]]:
+    files = {role: ck.weight_files() for role, ck in
+             (("pre_trained", plan.pt), ("fine_tuned", plan.ft), ("h_pt", plan.h_pt), ("h_ft", plan.h_ft)) if ck}
+    for name, src in plan.carried.items():
+        role = "fine_tuned" if _model_folder(plan.paths["fine_tuned"]) == src.parent else "pre_trained"
+        files[role].append(src)
+    return files
+
+
+def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher: Hasher, log) -> dict:
+    from tqdm.auto import tqdm
+    t0 = time.perf_counter()
+    inputs = _input_files(plan)
+    for role, files in inputs.items():
+        for f in files:
+            hasher.add(("in", str(Path(os.path.realpath(f)))), f)
+    if plan.config.source is not None:
+        hasher.add(("in", str(Path(os.path.realpath(plan.config.source)))), plan.config.source)
+    hp, alpha_rec = dict(plan.hyperparameters), None
+    merged = plan.merged
+    if plan.alpha_normalised is not None:
+        lp = LazyTensors(plan.h_pt, {t.canonical: t.h_pt.name for t in merged})
+        lf = LazyTensors(plan.h_ft, {t.canonical: t.h_ft.name for t in merged})
+        for ck in (plan.h_pt, plan.h_ft):
+            ck.buffer.reserve(plan.buffer_bytes()["h_pt" if ck is plan.h_pt else "h_ft"])
+        sum_pt, sum_ft = cgm.total_curvature(lp), cgm.total_curvature(lf)    # as alpha_from_normalised
+        if not (math.isfinite(sum_pt) and math.isfinite(sum_ft)):
+            raise ValueError(f"alpha_normalised: the curvature contains NaN or Inf (sum over the merge set: h_pt "
+                             f"{sum_pt:g}, h_ft {sum_ft:g})")
+        if sum_pt <= 0:
+            raise ValueError("alpha_normalised: h_pt sums to zero over the merge set; a normalised alpha needs "
+                             "sum(h_pt) > 0")
+        alpha = plan.alpha_normalised * (sum_ft / sum_pt)      # cgm.alpha_from_normalised's expression
+        hp = plan.method.check({**hp, "alpha": alpha})
+        alpha_rec = {"alpha_normalised": plan.alpha_normalised, "sum_h_pt": sum_pt, "sum_h_ft": sum_ft,
+                     "alpha": alpha}
+    merger = Merger(plan, hp)
+    stats: dict[str, dict] = {}
+    total = plan.bytes_read + plan.bytes_written
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="cgm-merge", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    with AtomicOutputDir(out_dir, overwrite) as out:
+        for shard, tps in plan.shards.items():
+            fd = out.create(shard)
+            entries = [(t.name, t.out_dtype, t.ft.shape) for t in tps]
+            src = tps[0].ft.file
+            src_file = next(f for f in plan.ft.files if f.path == src)
+            same = all(t.out_dtype == t.ft.dtype for t in tps) and [t.name for t in tps] == list(src_file.infos)
+            with ShardWriter(fd, entries, src_file.metadata, header=src_file.header_bytes if same else None,
+                             name=shard) as w:
+                upcoming = [t for t in tps if t.merged]
+                following = dict(zip((t.name for t in upcoming), upcoming[1:]))
+                for tp in tps:
+                    if tp.merged:
+                        nxt = following.get(tp.name)
+                        if nxt is not None:         # let the kernel read the next merged tensor meanwhile
+                            for ck, info in ((plan.pt, nxt.pt), (plan.ft, nxt.ft), (plan.h_pt, nxt.h_pt),
+                                             (plan.h_ft, nxt.h_ft)):
+                                if ck is not None and info is not None:
+                                    ck.prefetch(info.name)
+                        t, st = merger.merge(tp)
+                        stats[tp.name] = {"canonical": tp.canonical, **st}
+                        w.write_tensor(tp.name, t)
+                    elif tp.out_dtype != tp.ft.dtype:
+                        w.write_tensor(tp.name, merger.cast(tp))
+                    else:
+                        w.copy_tensor(tp.name, plan.ft.fd(tp.name), tp.ft.start)
+                    bar.set_postfix_str(tp.name[-40:], refresh=False)
+                    bar.update(tp.bytes_read + tp.out_nbytes)
+            hasher.add(("out", shard), fd)
+        bar.close()
+        if plan.index_name:
+            meta = {k: v for k, v in plan.ft.index.get("metadata", {}).items() if k != "total_size"}
+            wm = {t.name: s for s, tps in plan.shards.items() for t in tps}
+            wm = {n: wm[n] for n in plan.ft.index["weight_map"]}
+            out.write_text(plan.index_name, index_json(wm, plan.bytes_written, meta))
+        for name, src in plan.carried.items():
+            if name == "config.json" and plan.config.dtype != "auto":
+                out.write_text(name, _config_json_for(src, plan.config.dtype))
+            else:
+                out.copy_file(name, src)
+        card = model_card(plan, out.out.name, hp, stats, alpha_rec)
+        out.write_text("README.md", card)
+        staging = out.stage()
+        verification = verify_output(staging, plan)
+        for name in out.names:
+            if ("out", name) not in hasher.jobs:
+                hasher.add(("out", name), out.fd(name))
+        record = _record(plan, hp, alpha_rec, stats, verification, inputs, hasher, out.names)
+        out.write_text("cgm_merge.json", json.dumps(record, indent=1) + "\n")
+        out.stage()
+    log(f"merged {len(stats)} of {len(plan.tensors)} tensors with {plan.method.name} into {out_dir} in "
+        f"{time.perf_counter() - t0:.1f} s; verified (transformers: "
+        f"{'zero missing/unexpected keys' if verification['transformers'].get('checked') else 'not checked'})")
+    return record
+
+
+def _record(plan: MergePlan, hp: Mapping, alpha_rec: dict | None, stats: Mapping[str, dict], verification: dict,
+            inputs: Mapping[str, list[Path]], hasher: Hasher, out_names: Sequence[str]) -> dict:
+    from importlib.metadata import version
+    cfg = plan.config
+
+    def files(role: str, paths: Sequence[Path]) -> dict:
+        root = _model_folder(plan.paths[role]) if role in plan.paths else None
+        res = {}
+        for p in paths:
+            key = p.name if root is None or p.parent != root else os.path.relpath(p, root)
+            res[key] = {"sha256": hasher.result(("in", str(Path(os.path.realpath(p))))), "bytes": p.stat().st_size}
+        return res
+
+    rec: dict[str, Any] = {
+        "tool": "cgm-merge", "cgm_min_version": _version(), "torch_version": torch.__version__,
+        "transformers_version": version("transformers"),
+        "config": cfg.as_dict(), "config_text": cfg.text or None,
+        "method": {"name": plan.method.name, "reference": plan.method.reference, "rule": plan.method.rule},
+        "hyperparameters": dict(hp), "alpha": alpha_rec,
+        "model_type": plan.model_type, "key_layouts": plan.layouts,
+        "merge_set": {"rule": cfg.merge_set.describe(), "tensors": [t.canonical for t in plan.merged]},
+        "inputs": {role: {"path": {"pre_trained": cfg.pre_trained, "fine_tuned": cfg.fine_tuned,
+                                   "h_pt": cfg.curvature_pt, "h_ft": cfg.curvature_ft}[role],
+                          "files": files(role, paths)} for role, paths in inputs.items()},
+        "curvature_metadata": {role: ck.metadata for role, ck in (("h_pt", plan.h_pt), ("h_ft", plan.h_ft)) if ck},
+        "outputs": {name: {"sha256": hasher.result(("out", name))} for name in out_names},
+        "tensors": dict(stats),
+        "verification": verification,
+        "notes": plan.notes,
+    }
+    if cfg.source is not None:
+        rec["config_sha256"] = hasher.result(("in", str(Path(os.path.realpath(cfg.source)))))
+    return rec
