@@ -9,8 +9,8 @@
     merge_checkpoints.py  the Python API of `cgm-merge`: config, plan, streaming merge, verification, record
     curvature_files.py    curvature written in the model's own shard layout (`cgm-merge curvature`)
 
-Nothing here imports transformers at module level except through `layouts` (which takes the merge-set
-prefixes from cgm_min.world.models) and the verification step.
+Nothing here imports transformers at module level (importing the model classes costs seconds): only the
+verification step does, for the one class it loads.
 """
 from .outdir import AtomicOutputDir
 from .reader import Checkpoint, SafetensorsFile, TensorInfo

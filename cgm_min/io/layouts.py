@@ -27,7 +27,7 @@ The merge set is given by a preset or by patterns, both on canonical names:
     patterns            shell-style globs (fnmatch, case-sensitive); each must match at least one tensor.
 
 The layer and projector prefixes are those of `cgm_min.world.models` (LAYER_PREFIX, PROJECTOR_PREFIX), so a
-preset selects exactly the tensors `merge_param_names(model, K)` names.
+preset selects exactly the tensors `merge_param_names(model, K)` names (tested on both miniatures).
 """
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from ..world.models import LAYER_PREFIX, MODEL_TYPE
-from ..world.models import PROJECTOR_PREFIX as _BY_FAMILY
-
-PROJECTOR_PREFIX = {MODEL_TYPE[f]: p for f, p in _BY_FAMILY.items()}   # by config.json model_type
+# The prefixes of cgm_min.world.models (LAYER_PREFIX, PROJECTOR_PREFIX by family), keyed here by config.json's
+# model_type. Not imported from there: world.models imports the LLaVA and Qwen model and processor classes,
+# about 3 s that every cgm-merge call would pay; a test checks that both places agree.
+LAYER_PREFIX = "model.language_model.layers."
+PROJECTOR_PREFIX = {"llava": "model.multi_modal_projector.", "qwen2_5_vl": "model.visual.merger."}
 
 # (pattern on an original name, replacement) per model_type, applied first match only.
 _RENAMES: dict[str, list[tuple[re.Pattern, str]]] = {

@@ -721,7 +721,10 @@ def transformers_load_check(folder: Path) -> dict:
     cfg = read_model_config(folder) or {}
     archs = cfg.get("architectures") or []
     import transformers
-    cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        cls = getattr(transformers, archs[0]) if archs else None
+    except AttributeError:
+        cls = None
     if cls is None:
         return {"checked": False, "why": f"no transformers class for architectures {archs}"}
     from transformers.utils import logging as tlog
@@ -877,9 +880,24 @@ def _input_files(plan: MergePlan) -> dict[str, list[Path]]:
     return files
 
 
+def _import_model_class(folder: Path) -> None:
+    """Import the transformers class that verification will load (seconds of import time), so that a
+    background thread can do it while the merge computes."""
+    try:
+        archs = (read_model_config(folder) or {}).get("architectures") or []
+        if archs:
+            import transformers
+            getattr(transformers, archs[0], None)
+    except Exception:               # verification imports it again and reports what goes wrong
+        pass
+
+
 def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher: Hasher, log) -> dict:
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
+    importer = threading.Thread(target=_import_model_class, args=(_model_folder(plan.paths["fine_tuned"]),),
+                                daemon=True, name="import-transformers")
+    importer.start()
     inputs = _input_files(plan)
     for role, files in inputs.items():
         for f in files:
@@ -952,6 +970,7 @@ def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher
         card = model_card(plan, out.out.name, hp, stats, alpha_rec)
         out.write_text("README.md", card)
         staging = out.stage()
+        importer.join()
         verification = verify_output(staging, plan)
         for name in out.names:
             if ("out", name) not in hasher.jobs:

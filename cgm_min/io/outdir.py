@@ -136,10 +136,18 @@ class AtomicOutputDir:
         """Give every file its name inside the hidden staging folder (returned)."""
         self._ensure_parent()
         self._ensure_staging()
-        for name, fd in self._fds.items():
-            if name not in self._named:
-                os.link(f"/proc/self/fd/{fd}", self.staging / name)
-                self._named.add(name)
+        proc = None
+        try:
+            for name, fd in self._fds.items():
+                if name not in self._named:
+                    # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names an O_TMPFILE file; os.link calls
+                    # plain link() (which would link the symlink itself) unless given a dir fd
+                    proc = proc if proc is not None else os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+                    os.link(str(fd), self.staging / name, src_dir_fd=proc, follow_symlinks=True)
+                    self._named.add(name)
+        finally:
+            if proc is not None:
+                os.close(proc)
         self.staged = True
         return self.staging
 
