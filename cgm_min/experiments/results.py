@@ -93,10 +93,10 @@ GROUP = ["family", "size", "target", "seed", "steps", "lr", "n_layers", "curvatu
 
 
 def select_on_validation(val: pd.DataFrame, metric: str = "hscore") -> pd.DataFrame:
-    """Per run, curvature kind and method variant: the validation row with the best `metric` (ties: the
-    first in grid order). Rows of controls are never selected."""
-    val = val[(val["split"] == "validation") & (val["control"] == "")]
-    idx = val.groupby(GROUP + ["variant"], dropna=False, sort=False)[metric].idxmax()
+    """Per run, curvature kind, control and method variant: the validation row with the best `metric`
+    (ties: the first in grid order)."""
+    val = val[val["split"] == "validation"]
+    idx = val.groupby(GROUP + ["control", "variant"], dropna=False, sort=False)[metric].idxmax()
     return val.loc[idx.values]
 
 
@@ -125,11 +125,12 @@ def _hscore_of_bits(bits: Mapping[str, np.ndarray], idx: Mapping[str, np.ndarray
     return sc.summarise({t: float(bits[t][idx[t]].mean()) for t in bits}, target, general)["hscore"]
 
 
-def paired_difference(df: pd.DataFrame, variant: str, against: str, n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_difference(df: pd.DataFrame, variant: str, against: str, n_boot: int = 2000, seed: int = 0,
+                      control: str = "") -> dict:
     """Held-out Hscore of `variant` minus `against` on the same runs (same family, target, settings; one
     difference per fine-tuning seed), with a 95% bootstrap interval that resamples the held-out samples
     within each task (the same samples for both methods: a paired bootstrap) and the seeds."""
-    h = heldout_table(df)
+    h = heldout_table(df, control=control)
     a = h[h["variant"] == variant].set_index("seed")
     b = h[h["variant"] == against].set_index("seed")
     seeds = sorted(set(a.index) & set(b.index))
@@ -174,11 +175,11 @@ def front_area(points: Iterable[tuple[float, float]]) -> float:
     return area
 
 
-def front_areas(df: pd.DataFrame, split: str = "validation") -> pd.DataFrame:
+def front_areas(df: pd.DataFrame, split: str = "validation", control: str = "") -> pd.DataFrame:
     """Per run and variant, the area dominated by its grid points plus the two endpoints (every method
     reaches w_pt and w_ft at the ends of its grid)."""
     rows = []
-    d = df[(df["split"] == split) & (df["control"] == "")]
+    d = df[(df["split"] == split) & (df["control"] == control)]
     for key, run in d.groupby(GROUP, dropna=False, sort=False):
         ends = run[run["method"].isin(["pre_trained", "fine_tuned"])][["target_score", "pre_avg"]]
         ends = [tuple(x) for x in ends.to_numpy()]

@@ -57,20 +57,27 @@ K5 = (0.1, 0.3, 0.5, 0.7, 0.9)
 ALPHA_NORM = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
+GRID_SIZES = ("tiny", "small", "full")
+
+
 def grid(size: str, methods: Sequence[str] | None = None) -> list[Point]:
-    """The sweep grid: "full" (the book) or "small" (CI, and the curvature-kind and regime studies)."""
-    k = K9 if size == "full" else K5
-    a = ALPHA_NORM if size == "full" else (0.01, 0.1, 1.0, 10.0, 100.0)
-    a3 = (0.1, 1.0, 10.0)
+    """The sweep grid: "full" (the book's main comparison), "small" (the regime and curvature-kind studies)
+    or "tiny" (CI)."""
+    if size not in GRID_SIZES:
+        raise ValueError(f"unknown grid size {size!r}; known: {GRID_SIZES}")
+    k = {"full": K9, "small": K5, "tiny": (0.3, 0.7)}[size]
+    a = {"full": ALPHA_NORM, "small": (0.01, 0.1, 1.0, 10.0, 100.0), "tiny": (0.1, 1.0, 10.0)}[size]
+    a3 = (0.1, 1.0, 10.0) if size != "tiny" else (1.0,)
     g = (points("pre_trained", "pre_trained") + points("fine_tuned", "fine_tuned")
          + points("linear", "linear", lam=k)
-         + points("ties", "ties", k=(0.1, 0.3, 0.6) if size == "full" else (0.2,), scale=(0.2, 0.4, 0.6, 0.8, 1.0))
-         + points("dare", "dare", {"seed": 0}, p=K5)
+         + points("ties", "ties", k=(0.1, 0.3, 0.6) if size == "full" else (0.2,),
+                  scale=(0.2, 0.4, 0.6, 0.8, 1.0) if size != "tiny" else (0.5, 1.0))
+         + points("dare", "dare", {"seed": 0}, p=K5 if size != "tiny" else (0.5,))
          + points("magnitude", "magnitude", k=k)
          + points("random_revert", "random_revert", {"seed": 0}, k=k)
          + points("wanda", "wanda", k=k)
          + points("model_tailor", "model_tailor", k=k)
-         + points("grafting", "grafting", {"seed": 0}, k=(0.5, 0.7, 0.8, 0.9, 0.95))
+         + points("grafting", "grafting", {"seed": 0}, k=(0.5, 0.7, 0.8, 0.9, 0.95) if size != "tiny" else (0.8,))
          + points("cgm", "cgm", alpha_norm=a)
          + points("cgm_dagger", "cgm_dagger", {"per_row": True}, alpha_norm=a3, k=k)
          + points("cgm_dagger (global)", "cgm_dagger", {"per_row": False}, alpha_norm=a3, k=k)
@@ -90,7 +97,7 @@ def _registered() -> set:
     return set(METHODS)
 
 
-CURVATURE_METHODS = ("cgm", "cgm_dagger", "score_ft_magnitude", "score_pt_magnitude", "fisher_merging")
+CURVATURE_METHODS = ("cgm", "cgm_dagger", "score_ft_magnitude", "score_pt_magnitude")   # gridded, curvature-guided
 
 
 @dataclass
@@ -99,6 +106,7 @@ class SweepConfig:
     n_validation: int = 64          # samples per task for choosing hyperparameters
     n_heldout: int = 200            # samples per task for reporting
     negative_control_seeds: tuple = (1, 2)    # random methods re-run at their chosen point with these seeds
+    negative_control_methods: tuple = ("random_revert", "dare")
     regime: str = "default"
     grafting_samples: int = 32      # target calibration samples for grafting's mask
     extra: dict = field(default_factory=dict)
@@ -129,7 +137,6 @@ def run_sweep(spec: runs.RunSpec, kind: str, pts: Sequence[Point], cfg: SweepCon
     base, processor = runs.load_base(spec)
     w_pt, w_ft, names = runs.merge_states(spec, cache, base)
     h_pt, h_ft = runs.curvature(spec, kind, cache)
-    ratio = cgm.curvature_scale_ratio(h_pt, h_ft)
     inputs = MergeInputs()
     needs = {need for p in pts for need in get_method(p.method).needs}
     if "activations" in needs:
@@ -137,16 +144,75 @@ def run_sweep(spec: runs.RunSpec, kind: str, pts: Sequence[Point], cfg: SweepCon
     if "target" in needs:
         batches = tr.fisher_batches(processor, (spec.target,), cfg.grafting_samples, batch_size=cfg.grafting_samples)
         inputs.target = TargetData(copy.deepcopy(base), batches)
+    out = _sweep(spec, kind, "", (base, processor), (w_pt, w_ft, names), (h_pt, h_ft), inputs, pts, cfg, progress)
+    out["train_seconds"] = runs.run_log(spec, cache)["time_s"]
+    rs.write_table(out, path)
+    return out
+
+
+def control_sweep(spec: runs.RunSpec, pts: Sequence[Point], cfg: SweepConfig, cache: Path,
+                  progress: bool = False) -> pd.DataFrame:
+    """The positive control (controls.py): the same sweep on the planted fine-tuned weights, with control =
+    "positive" and two curvature kinds:
+
+        fisher_at_planted   h_pt as in the paper (Fisher at w_pt), h_ft the Fisher at the planted weights:
+                            does the estimated curvature find the plant?
+        oracle              the known answer as curvature (h_pt = 1, h_ft = 1e-6 on planted entries; the
+                            reverse elsewhere): does the engine (merge, scoring, selection) use it?
+
+    Each row also records `planted_reverted`, the mean reversion ratio over the planted entries."""
+    from . import controls
+    path = spec.folder(cache) / f"control-{cfg.key(pts, 'positive')}-v{controls.CONTROL_VERSION}.parquet"
+    if path.is_file():
+        return pd.read_parquet(path)
+    torch.set_num_threads(1)
+    runs.finetune_run(spec, cache)
+    folder = controls.positive_control_run(spec, cache)
+    base, processor = runs.load_base(spec)
+    w_pt, _, names = runs.merge_states(spec, cache, base)
+    w_ft = runs.load_tensors(folder / "finetuned.safetensors")
+    masks = controls.planted_mask(spec, cache)
+    kinds = {"fisher_at_planted": (runs.h_pt(spec, "fisher_n8", cache),
+                                   tr.load_curvature(folder / "h_ft.safetensors")[0]),
+             "oracle": controls.oracle_curvature(masks, names, w_ft)}
+    frames = []
+    for kind, curv in kinds.items():
+        out = _sweep(spec, kind, "positive", (base, processor), (w_pt, w_ft, names), curv, MergeInputs(), pts,
+                     cfg, progress)
+        out["planted_reverted"] = [_planted_reverted(r, w_pt, w_ft, names, curv, masks) for _, r in out.iterrows()]
+        frames.append(out)
+    out = pd.concat(frames, ignore_index=True)
+    rs.write_table(out, path)
+    return out
+
+
+def _planted_reverted(row, w_pt, w_ft, names, curv, masks) -> float:
+    """The mean reversion ratio lam = (w - w_ft) / (w_pt - w_ft) over the planted entries of a merge."""
+    hp = json.loads(row["hyperparameters"])
+    hp.pop("alpha_norm", None)
+    if not np.isnan(row["alpha"]):
+        hp["alpha"] = row["alpha"]
+    m = get_method(row["method"])
+    merged = merge_state(row["method"], w_pt, w_ft, *(curv if m.uses_curvature else (None, None)), names=names, **hp)
+    num = sum(float(((merged[n] - w_ft[n]) * (w_pt[n] - w_ft[n]))[masks[n]].sum()) for n in masks)
+    den = sum(float(((w_pt[n] - w_ft[n]) ** 2)[masks[n]].sum()) for n in masks)
+    return num / den
+
+
+def _sweep(spec, kind, control, model, weights, curv, inputs, pts, cfg, progress) -> pd.DataFrame:
+    base, processor = model
+    w_pt, w_ft, names = weights
+    h_pt, h_ft = curv
+    ratio = cgm.curvature_scale_ratio(h_pt, h_ft)
     tasks = (*mt.GENERAL, spec.target)
     scorers = {"validation": FastScorer(copy.deepcopy(base), processor,
                                         mt.eval_set(tasks, "validation", cfg.n_validation)),
                "heldout": FastScorer(copy.deepcopy(base), processor, mt.eval_set(tasks, "heldout", cfg.n_heldout))}
-    log = runs.run_log(spec, cache)
     run_cols = {"family": spec.family, "size": spec.size, "target": spec.target, "seed": spec.seed,
                 "steps": spec.steps, "lr": spec.lr, "n_layers": -1 if spec.n_layers is None else spec.n_layers,
                 "regime": cfg.regime, "curvature": kind, "run": spec.label}
 
-    def evaluate(point: Point, split: str, control: str = "", override: Mapping | None = None) -> dict:
+    def evaluate(point: Point, split: str, control: str = control, override: Mapping | None = None) -> dict:
         hp = {**point.params, **(override or {})}
         alpha_norm = hp.pop("alpha_norm", None)
         if alpha_norm is not None:
@@ -186,10 +252,7 @@ def run_sweep(spec: runs.RunSpec, kind: str, pts: Sequence[Point], cfg: SweepCon
     for i in chosen.index:                       # rows are in grid order: row i is pts[i]
         point = pts[i]
         held.append({**evaluate(point, "heldout"), "selected": True})
-        if "seed" in point.params:
+        if point.method in cfg.negative_control_methods and not control:
             for s in cfg.negative_control_seeds:
                 held.append(evaluate(point, "heldout", f"negative: seed {s}", {"seed": s}))
-    out = pd.concat([val, pd.DataFrame(held)], ignore_index=True)
-    out["train_seconds"] = log["time_s"]
-    rs.write_table(out, path)
-    return out
+    return pd.concat([val, pd.DataFrame(held)], ignore_index=True)
