@@ -793,8 +793,9 @@ def verify_output(folder: Path, plan: MergePlan) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The model card.
 
-def model_card(plan: MergePlan, out_name: str, hp: Mapping, stats: Mapping[str, dict], record_alpha: dict | None
-               ) -> str:
+def model_card(plan: MergePlan, hp: Mapping, stats: Mapping[str, dict], record_alpha: dict | None) -> str:
+    """README.md: YAML front matter (base_model, library_name, pipeline_tag, tags, merge_method and its
+    parameters) and a table of the merge. Nothing in it depends on where the output is written."""
     import yaml
     c, m = plan.config, plan.method
     front: dict[str, Any] = {"base_model": c.pre_trained, "library_name": "transformers"}
@@ -818,7 +819,8 @@ def model_card(plan: MergePlan, out_name: str, hp: Mapping, stats: Mapping[str, 
              ("fraction reverted", f"{rev / nd:.4f} of the entries where the models differ" if nd else "-"),
              ("tool", f"cgm_min {_version()} (`cgm-merge`)")]
     table = "\n".join(f"| {a} | {b} |" for a, b in rows)
-    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {out_name}\n\n"
+    title = f"{Path(c.fine_tuned).name}, merged with {m.name}"
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n"
             f"A merge of a fine-tuned model with its pre-trained base, written by `cgm-merge` "
             f"(Curvature-Guided Mixing, arXiv:2606.24963).\n\n| | |\n|---|---|\n{table}\n\n"
             "Tensors outside the merge set are the fine-tuned model's, byte for byte. After writing, the folder "
@@ -967,7 +969,7 @@ def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher
                 out.write_text(name, _config_json_for(src, plan.config.dtype))
             else:
                 out.copy_file(name, src)
-        card = model_card(plan, out.out.name, hp, stats, alpha_rec)
+        card = model_card(plan, hp, stats, alpha_rec)
         out.write_text("README.md", card)
         staging = out.stage()
         importer.join()
