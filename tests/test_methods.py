@@ -16,7 +16,7 @@ from cgm_min.merge import METHODS, get_method, merge_state, register
 from cgm_min.merge.reversion import revert_lowest
 
 EXPECTED = {"pre_trained", "fine_tuned", "linear", "task_arithmetic", "ties", "dare", "magnitude", "random_revert",
-            "wanda", "fisher_merging", "cgm", "cgm_dagger", "score_ft_magnitude",
+            "wanda", "model_tailor", "grafting", "fisher_merging", "cgm", "cgm_dagger", "score_ft_magnitude",
             "score_pt_magnitude"}
 MERGED = ["enc.weight", "dec.weight", "dec.bias"]
 
@@ -64,7 +64,7 @@ def test_registry_contents():
         inputs = 1 if m.level == "tensor" else 4
         assert tuple(params[inputs:]) == m.hyperparameters, name       # declared once: the signature
     assert METHODS["cgm"].uses_curvature and not METHODS["magnitude"].uses_curvature
-    assert "activations" in METHODS["wanda"].needs
+    assert "activations" in METHODS["wanda"].needs and "target" in METHODS["grafting"].needs
     table = methods.methods_table()
     assert list(table.index) == list(METHODS) and table.loc["ties", "hyperparameters"] == "k in [0, 1], scale in [0, inf)"
 

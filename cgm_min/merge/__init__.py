@@ -300,4 +300,4 @@ def methods_table():
 
 
 # The method modules register themselves on import.
-from . import interpolation, task_vectors, reversion, curvature  # noqa: E402,F401
+from . import interpolation, task_vectors, reversion, curvature, tailor, grafting  # noqa: E402,F401
