@@ -7,6 +7,8 @@
 Layout under --out (default `build/`):
     executed/<name>.ipynb         the executed notebook (what the book shows)
     results/<name>/metrics.json   its numbers, and its figures as PNG
+    cache/                        fine-tuned runs, curvature and merge sweeps, keyed by their settings
+                                  (shared by the notebooks; a warm cache skips training)
     html/                         the built book (open html/index.html)
 
 Every file is written to a temporary name first and renamed when complete, so an interrupted run never
@@ -46,11 +48,13 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.md"))
 
 
-def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: int = 1800) -> Path:
+def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: int = 3600, workers: int = 2
+                     ) -> Path:
     """Run notebooks/<name>.md with papermill at `preset`; returns the executed notebook's path.
 
-    The kernel runs in `out`, and OUT_DIR is the relative path results/<name>, so executed notebooks name
-    no machine paths.
+    The kernel runs in `out`, and OUT_DIR is the relative path results/<name> (CACHE_DIR the relative path
+    cache), so executed notebooks name no machine paths. WORKERS is how many single-thread processes a
+    notebook may run side by side.
     """
     import jupytext
     import papermill
@@ -75,13 +79,14 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
         done = Path(tmp) / f"{name}.executed.ipynb"
         papermill.execute_notebook(
             str(plain), str(done), kernel_name="python3", cwd=str(out), execution_timeout=timeout,
-            parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}"}, progress_bar=False,
+            parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
+                        "WORKERS": workers}, progress_bar=False,
         )
         os.replace(done, target)
     return target
 
 
-def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0) -> list[Path]:
+def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2) -> list[Path]:
     names = only or notebook_names()
     unknown = sorted(set(names) - set(notebook_names()))
     if unknown:
@@ -89,7 +94,7 @@ def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int
     from tqdm.auto import tqdm
     paths = []
     for name in tqdm(names, desc=f"notebooks ({preset})", unit="notebook"):
-        paths.append(execute_notebook(name, preset, out, seed))
+        paths.append(execute_notebook(name, preset, out, seed, workers=workers))
     return paths
 
 
@@ -148,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "build"), help="output folder (default: build/)")
     ap.add_argument("--only", nargs="*", help="notebook names to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="single-thread processes side by side (default 2)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.what in ("notebooks", "all"):
-        for p in execute_all(args.preset, out, args.only, args.seed):
+        for p in execute_all(args.preset, out, args.only, args.seed, args.workers):
             print(f"executed {p.relative_to(out.resolve().parent) if p.is_relative_to(out.resolve().parent) else p}")
     if args.what in ("book", "all"):
         html = build_book(out)

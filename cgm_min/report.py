@@ -25,6 +25,25 @@ COLORS = {
 }
 
 
+# One colour and one marker per merge method (variant), used by every figure of the merge experiment.
+METHOD_STYLE = {
+    "pre_trained": (COLORS["pt"], "s"), "fine_tuned": (COLORS["ft"], "s"),
+    "linear": (COLORS["linear"], "o"), "task_arithmetic": ("#8c8c8c", "o"),
+    "ties": ("#17becf", "v"), "dare": ("#bcbd22", "^"),
+    "magnitude": (COLORS["magnitude"], "D"), "random_revert": ("#000000", "x"),
+    "wanda": ("#e377c2", "P"), "model_tailor": ("#8c564b", "*"), "grafting": ("#aec7e8", "h"),
+    "fisher_merging": ("#98df8a", "o"),
+    "cgm": (COLORS["cgm"], "o"), "cgm_dagger": (COLORS["cgm_dagger"], "o"),
+    "cgm_dagger (global)": ("#ff9896", "o"),
+    "score: h_ft delta^2": ("#c5b0d5", "<"), "score: -h_pt delta^2": ("#c49c94", ">"),
+}
+
+
+def method_style(variant: str) -> tuple[str, str]:
+    """(colour, marker) of a method variant; unknown variants get grey circles."""
+    return METHOD_STYLE.get(variant, ("#7f7f7f", "o"))
+
+
 def choose_preset(name: str, presets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The settings of preset `name`, or a ValueError that lists the presets this notebook knows."""
     if name not in presets:

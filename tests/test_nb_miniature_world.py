@@ -71,16 +71,17 @@ def test_every_run_is_recorded_with_both_scores(m, family):
 
 
 @pytest.mark.parametrize("family", mm.FAMILIES)
-def test_curvatures_are_saved_as_safetensors_and_load_back(m, family, tiny_run):
+def test_curvatures_are_cached_as_safetensors_and_load_back(m, family, tiny_run):
+    """The chapter's runs and curvatures live in the experiment cache, where the merge chapter reads them."""
+    from cgm_min.experiments import runs
     f = m["families"][family]
-    folder = tiny_run / "results" / NAME / "curvature"
-    names = {f"{family}_h_pt.safetensors"} | {f"{family}_{t}_{k}.safetensors" for t in m["targets"]
-                                              for k in ("h_ft", "h_ft_at_wft")}
-    assert set(f["curvature_files"]) == names
-    h_pt, meta = tr.load_curvature(folder / f"{family}_h_pt.safetensors")
+    spec = runs.RunSpec(family, m["targets"][0], m["ft_seeds"][0])
+    cache = tiny_run / "cache"
+    h_pt_path = next((runs.base_folder(cache, family, "small")).glob("h_pt-fisher_n8-half-*.safetensors"))
+    h_pt, meta = tr.load_curvature(h_pt_path)
     assert meta["kind"] == "h_pt" and meta["n_per_task"] == tr.H_PT_SAMPLES and meta["tasks"] == list(mt.GENERAL)
-    h_ft, meta = tr.load_curvature(folder / f"{family}_{m['targets'][0]}_h_ft.safetensors")
-    assert meta["during"] is True and set(h_ft) == set(h_pt)
+    h_ft, meta = tr.load_curvature(spec.folder(cache) / "h_ft_during.safetensors")
+    assert meta["estimator"] == "fisher_during" and set(h_ft) == set(h_pt) and len(h_pt) == f["curvature_tensors"]
     for h in (h_pt, h_ft):
         assert all(float(v.min()) >= 0 for v in h.values()) and sum(float(v.sum()) for v in h.values()) > 0
     ratio = f["scale_ratio"][m["targets"][0]]

@@ -51,7 +51,9 @@ def _cost(spec: runs.RunSpec) -> float:
 
 def _init_worker() -> None:
     import torch
+    from transformers.utils import logging
     torch.set_num_threads(1)
+    logging.disable_progress_bar()          # no "Loading weights" bar per model load
 
 
 def _finetune(spec, cache):
@@ -70,6 +72,11 @@ def _sweep(spec, kind, pts, cfg, cache):
 
 def _control(spec, pts, cfg, cache):
     return control_sweep(spec, pts, cfg, cache)
+
+
+def _lmms(rows, cache, include_path):
+    from .sweep import rescore_lmms
+    return rescore_lmms(rows, cache, include_path)
 
 
 def _run(tasks: list[tuple[Callable, tuple]], workers: int, desc: str, progress: bool) -> list:
@@ -96,6 +103,13 @@ def _run(tasks: list[tuple[Callable, tuple]], workers: int, desc: str, progress:
         bar.close()
 
 
+def finetune(specs: Sequence[runs.RunSpec], cache: str | Path, workers: int = 2, progress: bool = True) -> None:
+    """Fine-tune every run that the cache does not hold, `workers` at a time (longest first)."""
+    cache = Path(cache)
+    todo = [s for s in sorted(dict.fromkeys(specs), key=lambda s: -_cost(s)) if not (s.folder(cache) / "log.json").is_file()]
+    _run([(_finetune, (s, cache)) for s in todo], workers, "fine-tuning", progress)
+
+
 def run_jobs(jobs: Sequence[Job], cache: str | Path, cfg: SweepConfig | None = None, workers: int = 2,
              methods: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
     """Every job's rows of the results table (fine-tuning and sweeping what the cache does not hold)."""
@@ -118,3 +132,12 @@ def run_jobs(jobs: Sequence[Job], cache: str | Path, cfg: SweepConfig | None = N
             phase2.append((_control, (j.spec, grid(size, CONTROL_METHODS), ctl, cache)))
     frames = _run(phase2, workers, "merge sweeps", progress)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def rescore_lmms(rows: pd.DataFrame, cache: str | Path, include_path: str | Path, workers: int = 2,
+                 progress: bool = True) -> pd.DataFrame:
+    """Re-score held-out rows through lmms-eval (`sweep.rescore_lmms`), one task per run, side by side."""
+    groups = [g for _, g in rows.groupby("run", sort=False)]
+    frames = _run([(_lmms, (g, Path(cache), str(include_path))) for g in groups], workers, "lmms-eval re-scoring",
+                  progress)
+    return pd.concat(frames, ignore_index=True) if frames else rows.iloc[:0]

@@ -256,3 +256,60 @@ def _sweep(spec, kind, control, model, weights, curv, inputs, pts, cfg, progress
             for s in cfg.negative_control_seeds:
                 held.append(evaluate(point, "heldout", f"negative: seed {s}", {"seed": s}))
     return pd.concat([val, pd.DataFrame(held)], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-building a row's merge (for re-scoring it through lmms-eval, or drawing its mask).
+
+def spec_of(row) -> runs.RunSpec:
+    """The RunSpec of a results-table row."""
+    return runs.RunSpec(row["family"], row["target"], int(row["seed"]), row["size"], int(row["steps"]),
+                        float(row["lr"]), None if int(row["n_layers"]) < 0 else int(row["n_layers"]))
+
+
+def rebuild_merge(row, cache: Path, cfg: SweepConfig | None = None) -> dict[str, torch.Tensor]:
+    """The merged merge-set tensors of a (non-control) results row, recomputed from the cache."""
+    cfg = cfg or SweepConfig()
+    spec = spec_of(row)
+    base, processor = runs.load_base(spec)
+    w_pt, w_ft, names = runs.merge_states(spec, cache, base)
+    m = get_method(row["method"])
+    inputs = MergeInputs()
+    if "activations" in m.needs:
+        inputs.activations = runs.target_statistics(spec, cache)
+    if "target" in m.needs:
+        batches = tr.fisher_batches(processor, (spec.target,), cfg.grafting_samples, batch_size=cfg.grafting_samples)
+        inputs.target = TargetData(base, batches)
+    hp = json.loads(row["hyperparameters"])
+    if "alpha_norm" in hp:
+        hp.pop("alpha_norm")
+        hp["alpha"] = float(row["alpha"])
+    curv = runs.curvature(spec, row["curvature"], cache) if m.uses_curvature else (None, None)
+    return merge_state(row["method"], w_pt, w_ft, *curv, names=names, inputs=inputs, **hp)
+
+
+def rescore_lmms(rows: pd.DataFrame, cache: Path, include_path: str | Path) -> pd.DataFrame:
+    """The given held-out rows re-scored by greedy decoding through lmms-eval (split "heldout_lmms"): the
+    same merged weights, evaluated by the project's lmms-eval model class on the held-out tasks."""
+    from ..evaluate import lmms_adapter as la
+    out, adapters = [], {}
+    for _, row in rows.iterrows():
+        spec = spec_of(row)
+        key = (spec.family, spec.size)
+        if key not in adapters:
+            base, processor = runs.load_base(spec)
+            adapters[key] = (la.CGMMini(model=base, processor=processor), base.state_dict())
+        adapter, base_state = adapters[key]
+        t0 = time.perf_counter()
+        adapter.swap_weights(base_state)
+        adapter.swap_weights(rebuild_merge(row, cache))
+        tasks = [*mt.GENERAL, spec.target]
+        df = la.evaluate_lmms(adapter, tasks, include_path=include_path)
+        exact = df[df["metric"] == "exact_match"].set_index("task")
+        new = row.copy()
+        new.update(pd.Series(rs.summary_row({t: float(exact.loc[t, "score"]) for t in tasks}, spec.target, mt.GENERAL)))
+        new["split"], new["n_per_task"] = "heldout_lmms", int(exact["n"].iloc[0])
+        new["seconds"], new["exact_bits"] = time.perf_counter() - t0, ""
+        new["loss_pt"] = new["loss_ft"] = np.nan          # lmms-eval decodes; it reports no loss
+        out.append(new)
+    return pd.DataFrame(out)
