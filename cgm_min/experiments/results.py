@@ -82,7 +82,11 @@ def read_table(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"no results file {p}")
-        frames.append(check_schema(pd.read_parquet(p), str(p)))
+        try:
+            frame = pd.read_parquet(p)
+        except Exception as err:          # pyarrow's own error types; the message says what is wrong
+            raise ValueError(f"{p} is not a readable Parquet results table ({' '.join(str(err).split())[:160]})") from None
+        frames.append(check_schema(frame, str(p)))
     return pd.concat(frames, ignore_index=True)
 
 
