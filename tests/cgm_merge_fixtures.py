@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -15,6 +16,12 @@ from cgm_min.io.curvature_files import write_curvature
 from cgm_min.io.layouts import canonical_name
 from cgm_min.merge import merge_state
 from cgm_min.world.models import shipped_checkpoint
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """Input hashes are remembered in a per-test file, never in the user's ~/.cache (import this fixture)."""
+    monkeypatch.setenv("CGM_MERGE_HASH_CACHE", str(tmp_path / "sha256-cache.json"))
+
 
 MODEL_TYPE = {"llava": "llava", "qwen": "qwen2_5_vl"}
 MERGED = {"llava": ("model.language_model.layers.2.", "model.language_model.layers.3.",

@@ -22,6 +22,7 @@ from cgm_min.io.writer import sha256_file
 
 from cgm_merge_fixtures import (MODEL_TYPE, load_canonical, make_family, make_sharded_llama, reference_merge,
                                 same_bits, write_config)
+from cgm_merge_fixtures import private_hash_cache  # noqa: F401 (an autouse fixture)
 
 PRESET = {"llava": {"preset": "llava-1.5", "last_layers": 2}, "qwen": {"preset": "qwen2.5-vl", "last_layers": 2}}
 METHODS = {
@@ -177,6 +178,23 @@ def test_provenance_model_card_and_carried_files(families, tmp_path):
     assert front["merge_method"] == "cgm" and "merge" in front["tags"] and "alpha" in front["merge_parameters"]
     from cgm_min.world.models import load_processor
     assert load_processor(out).tokenizer("USER: hi")["input_ids"] == load_processor(paths["ft"]).tokenizer("USER: hi")["input_ids"]
+
+
+def test_input_hashes_are_remembered_until_a_file_changes(families, tmp_path, monkeypatch):
+    from cgm_min.io import merge_checkpoints as mc
+    paths = families["qwen", "original"]
+    cfg = write_config(tmp_path / "m.yaml", paths, "linear", {"lam": 0.5}, PRESET["qwen"])
+    first = merge_checkpoints(cfg, tmp_path / "a", progress=False, log=lambda *_: None)
+    assert (tmp_path / "sha256-cache.json").is_file()
+    hashed = []
+    real = mc.sha256_fd
+    monkeypatch.setattr(mc, "sha256_fd", lambda fd, **kw: hashed.append(fd) or real(fd, **kw))
+    second = merge_checkpoints(cfg, tmp_path / "b", progress=False, log=lambda *_: None)
+    assert second["inputs"] == first["inputs"] and len(hashed) == len(second["outputs"])    # outputs only
+    os.utime(paths["ft"] / "config.json", ns=(1, 1))                                        # touched: hashed again
+    hashed.clear()
+    merge_checkpoints(cfg, tmp_path / "c", progress=False, log=lambda *_: None)
+    assert len(hashed) == len(second["outputs"]) + 1
 
 
 def test_presets_select_what_merge_param_names_selects(models):

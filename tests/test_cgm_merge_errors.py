@@ -17,6 +17,7 @@ from cgm_min.io import writer
 from cgm_min.io.writer import sha256_file
 
 from cgm_merge_fixtures import make_family, make_sharded_llama, write_config
+from cgm_merge_fixtures import private_hash_cache  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="module")

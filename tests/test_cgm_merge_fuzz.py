@@ -13,6 +13,7 @@ from cgm_min.cli.merge import main
 from cgm_min.merge import METHODS
 
 from cgm_merge_fixtures import make_family, write_config
+from cgm_merge_fixtures import private_hash_cache  # noqa: F401 (an autouse fixture)
 
 N_CASES = 240
 JUNK = [None, True, False, 0, -1, 1, 2, 0.5, -0.5, 1.5, 1e30, 10 ** 30, float("inf"), float("-inf"), float("nan"),

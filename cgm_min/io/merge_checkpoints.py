@@ -70,6 +70,10 @@ OUT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 # (written anew), this tool's record, and the project's provenance manifest (it hashes the input's weights).
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.index\.json$")
 NOT_CARRIED = {"README.md", "cgm_merge.json", "manifest.json"}
+# What the pre-trained folder may supply when the fine-tuned one lacks it: configuration, tokenizer, processor,
+# chat template and generation config (not training logs or other files that describe the base run).
+FROM_BASE = re.compile(r"config\.json|generation_config\.json|tokenizer.*|.*tokens.*\.json|vocab.*|merges\.txt|"
+                       r".*processor_config\.json|chat_template.*|.*\.model|.*\.tiktoken")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Throughput anchors of the streaming merge on the project's 2-vCPU machine class (bytes moved per second),
 # for the dry run's estimate only.
@@ -448,12 +452,13 @@ def _check_output_location(out_dir: Path, inputs: Mapping[str, Path], overwrite:
 
 def _carried_files(ft_folder: Path, pt_folder: Path, skip: set[str]) -> dict[str, Path]:
     """Config, tokenizer, processor, chat template, generation config...: the fine-tuned folder's
-    non-weight files, and the pre-trained folder's where the fine-tuned one lacks them."""
+    non-weight files, and those of the pre-trained folder's (FROM_BASE) that the fine-tuned one lacks."""
     out: dict[str, Path] = {}
     for folder in (ft_folder, pt_folder):
         for p in sorted(folder.iterdir()):
             if (p.is_file() and not p.name.startswith(".") and p.name not in NOT_CARRIED
-                    and not WEIGHT_FILE.fullmatch(p.name) and p.name not in skip and p.name not in out):
+                    and not WEIGHT_FILE.fullmatch(p.name) and p.name not in skip and p.name not in out
+                    and (folder == ft_folder or FROM_BASE.fullmatch(p.name))):
                 out[p.name] = p
     return out
 
@@ -663,29 +668,62 @@ class Merger:
 # ----------------------------------------------------------------------------------------------
 # Hashing in the background.
 
+def hash_cache_path() -> Path | None:
+    """Where input hashes are remembered: $CGM_MERGE_HASH_CACHE, default ~/.cache/cgm_min/sha256.json;
+    "0" or "" turns the cache off."""
+    value = os.environ.get("CGM_MERGE_HASH_CACHE", "~/.cache/cgm_min/sha256.json")
+    return None if value in ("", "0") else Path(value).expanduser()
+
+
 class Hasher:
     """SHA-256 of files on one background thread (hashlib and preadv release the GIL), so hashing runs on
-    the second core while the merge computes."""
+    the second core while the merge computes.
+
+    Hashes of input files are remembered across runs (`hash_cache_path()`), keyed by the file's real path
+    and validated by its size, mtime (ns), inode and device, as git validates its index: merging the same
+    checkpoints again (an alpha sweep, a benchmark) does not re-read 15 GB to hash them. A file changed in
+    any way that touches its mtime is hashed again."""
 
     def __init__(self):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.stop = threading.Event()
         self.jobs: dict[tuple, concurrent.futures.Future] = {}
+        self.cache_path = hash_cache_path()
+        self.cache: dict[str, list] = {}
+        if self.cache_path is not None and self.cache_path.is_file():
+            try:
+                loaded = json.loads(self.cache_path.read_text())
+                self.cache = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self.cache = {}
+        self.fresh: dict[str, list] = {}
 
-    def _hash(self, key, source):
+    @staticmethod
+    def _stamp(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+    def _hash(self, source):
         if self.stop.is_set():
             return None
         if isinstance(source, int):
             return sha256_fd(source, stop=self.stop)
-        fd = os.open(source, os.O_RDONLY)
+        real = os.path.realpath(source)
+        fd = os.open(real, os.O_RDONLY)
         try:
-            return sha256_fd(fd, stop=self.stop)
+            stamp = self._stamp(os.fstat(fd))
+            hit = self.cache.get(real)
+            if isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp:
+                return hit[4]
+            digest = sha256_fd(fd, stop=self.stop)
+            if digest is not None and self._stamp(os.fstat(fd)) == stamp:
+                self.fresh[real] = stamp + [digest]
+            return digest
         finally:
             os.close(fd)
 
     def add(self, key: tuple, source: Path | int) -> None:
         if key not in self.jobs:
-            self.jobs[key] = self.pool.submit(self._hash, key, source)
+            self.jobs[key] = self.pool.submit(self._hash, source)
 
     def result(self, key: tuple) -> str:
         return self.jobs[key].result()
@@ -694,6 +732,14 @@ class Hasher:
         if cancel:
             self.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=cancel)
+        if self.fresh and not cancel and self.cache_path is not None:
+            try:
+                from ..report import atomic_write
+                merged = {**self.cache, **self.fresh}
+                atomic_write(self.cache_path, lambda tmp: Path(tmp).write_text(json.dumps(merged)))
+            except OSError:
+                pass                 # a cache that cannot be written only costs time next run
+            self.fresh = {}
 
 
 # ----------------------------------------------------------------------------------------------
