@@ -225,7 +225,8 @@ def dagger_selection(shape: tuple[int, int], repeats: int, k: float = 0.1) -> di
     score = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     times = {"kthvalue": [], "sort": []}
     for _ in range(repeats):
-        for name, fn in (("kthvalue", lambda: cgm.select_lowest(score, k, True)), ("sort", lambda: select_by_sort(score, k))):
+        for name, fn in (("kthvalue", lambda: cgm.select_lowest(score, k, True)),
+                         ("sort", lambda: select_by_sort(score, k))):
             t = time.perf_counter()
             mask = fn()
             times[name].append(time.perf_counter() - t)
@@ -293,9 +294,9 @@ def main() -> int:
         mk_version = MERGEKIT.split("==")[1]
     # cgm-merge remembers input SHA-256 hashes across runs (validated by size, mtime, inode): one untimed run
     # fills that cache for the rows above; the warm row below hashes all 14 GB of inputs again (no cache).
-    timed(*tools["cgm-merge cgm"])
-    shutil.rmtree(outs["cgm-merge cgm"], ignore_errors=True)
-    timed(*tools["cgm-merge linear"])
+    for name in ("cgm-merge cgm", "cgm-merge linear"):
+        shutil.rmtree(outs[name], ignore_errors=True)
+        timed(*tools[name])
     no_cache = {"cgm-merge cgm, inputs hashed": (
         [exe, str(cfgs["cgm"]), str(outs["cgm-merge cgm, inputs hashed"]), "--no-progress"],
         {"CGM_MERGE_HASH_CACHE": "0"})}

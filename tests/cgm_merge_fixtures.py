@@ -124,7 +124,8 @@ def load_canonical(path: Path, model_type: str | None) -> dict[str, torch.Tensor
     """Every tensor of a checkpoint folder (single file or sharded), keyed by in-memory names."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     out = {}
     for f in files:
         out.update({canonical_name(model_type, n): t for n, t in load_file(path / f).items()})

@@ -56,7 +56,8 @@ def mutate(rng: random.Random, base: dict) -> str:
             cfg["parameters"] = {k: rng.choice(JUNK + [0.3, 0.7]) for k in rng.sample(PARAMS, rng.randint(0, 3))}
         elif where == 4:
             cfg["merge_set"] = rng.choice([
-                {"preset": rng.choice(["llava-1.5", "qwen2.5-vl", "x", None]), "last_layers": rng.choice(JUNK + [2, 4])},
+                {"preset": rng.choice(["llava-1.5", "qwen2.5-vl", "x", None]),
+                 "last_layers": rng.choice(JUNK + [2, 4])},
                 {"patterns": rng.choice(JUNK)}, {"patterns": ["model.language_model.layers.3.*"]}, rng.choice(JUNK)])
         else:
             cfg[rng.choice(["dtype", "curvature"])] = rng.choice(JUNK + ["bfloat16", "float32", {"pre_trained": "x"}])

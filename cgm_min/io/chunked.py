@@ -59,12 +59,18 @@ def _finite(x: torch.Tensor) -> bool:
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _store(r: torch.Tensor, w_pt: torch.Tensor, w_ft: torch.Tensor, out: torch.Tensor, s: Scratch,
-           stats: dict) -> None:
-    """Cast the math-dtype result r to w_ft's dtype (the reference's `.to(w_ft.dtype)`), store it into out
-    (cast again when the output dtype differs), and count, bit for bit, entries with w_pt != w_ft and, of
-    those, entries whose result equals w_pt."""
-    m = r.numel()
+def _lerp_store(w_pt: torch.Tensor, w_ft: torch.Tensor, weight, out: torch.Tensor, s: Scratch, stats: dict
+                ) -> bool:
+    """One slice of the reference's `torch.lerp(w_ft.to(dt), w_pt.to(dt), weight).to(w_ft.dtype)`, stored into
+    out (cast again when the output dtype differs); counts, bit for bit, entries with w_pt != w_ft and, of
+    those, entries whose result equals w_pt. False when the result is not finite (a weight was not)."""
+    dt = torch.promote_types(w_ft.dtype, torch.float32)
+    m = w_ft.numel()
+    wp32, wf32 = _as(w_pt, dt, s.get(dt, 0)), _as(w_ft, dt, s.get(dt, 1))
+    r = out if out.dtype == dt and w_ft.dtype == dt else s.get(dt, 6)[:m]
+    torch.lerp(wf32, wp32, weight, out=r)
+    if not _finite(r):
+        return False
     res = r if r.dtype == w_ft.dtype else s.get(w_ft.dtype, 7)[:m].copy_(r)
     if res.data_ptr() != out.data_ptr():
         out.copy_(res)
@@ -74,6 +80,12 @@ def _store(r: torch.Tensor, w_pt: torch.Tensor, w_ft: torch.Tensor, out: torch.T
     torch.eq(res.view(bits), w_pt.view(bits), out=same)
     stats["n_delta"] += int(differ.sum())                  # exact: a float32 sum of <= 2^24 ones
     stats["reverted"] += int(torch.dot(differ, same))
+    return True
+
+
+def _slices(n: int, chunk: int):
+    for i in range(0, n, chunk):
+        yield slice(i, min(n, i + chunk))
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -93,32 +105,24 @@ def soft_mix_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, h_pt: torch.Tensor,
     the weights.
     """
     dt = torch.promote_types(w_ft.dtype, torch.float32)
-    n, C = w_ft.numel(), s.chunk
+    n = w_ft.numel()
     fallback = alpha / (1.0 + alpha)
     stats = {"n": n, "lam_sum": 0.0, "n_delta": 0, "reverted": 0}
     any_pt = any_ft = False
-    direct = out.dtype == dt and w_ft.dtype == dt
-    for i in range(0, n, C):
-        j = min(n, i + C)
-        m = j - i
-        wp, wf = w_pt[i:j], w_ft[i:j]
-        hp32, hf32 = _as(h_pt[i:j], dt, s.get(dt, 2)), _as(h_ft[i:j], dt, s.get(dt, 3))
+    for sl in _slices(n, s.chunk):
+        hp32, hf32 = _as(h_pt[sl], dt, s.get(dt, 2)), _as(h_ft[sl], dt, s.get(dt, 3))
         lo_pt, hi_pt = (float(v) for v in torch.aminmax(hp32))
         lo_ft, hi_ft = (float(v) for v in torch.aminmax(hf32))
         if not (lo_pt >= 0 and lo_ft >= 0 and alpha * hi_pt + hi_ft < FLOAT32_MAX / 2):
             return None                                    # negative, NaN, Inf, or near overflow
         any_pt, any_ft = any_pt or hi_pt > 0, any_ft or hi_ft > 0
-        num, den = s.get(dt, 4)[:m], s.get(dt, 5)[:m]
+        num, den = s.get(dt, 4)[:hp32.numel()], s.get(dt, 5)[:hp32.numel()]
         torch.mul(hp32, alpha, out=num)                    # alpha * h_pt
         torch.add(hf32, num, out=den)                      # h_ft + alpha * h_pt
         torch.nan_to_num_(num.div_(den), nan=fallback, posinf=math.inf, neginf=-math.inf)   # lam, Eq. 8
         stats["lam_sum"] += float(num.sum())
-        wp32, wf32 = _as(wp, dt, s.get(dt, 0)), _as(wf, dt, s.get(dt, 1))
-        r = out[i:j] if direct else s.get(dt, 6)[:m]
-        torch.lerp(wf32, wp32, num, out=r)
-        if not _finite(r):
+        if not _lerp_store(w_pt[sl], w_ft[sl], num, out[sl], s, stats):
             return None
-        _store(r, wp, wf, out[i:j], s, stats)
     if n and not (any_pt and any_ft):
         return None                                        # a curvature that is zero everywhere
     stats["mean_lam"] = stats.pop("lam_sum") / n if n else 0.0
@@ -129,18 +133,8 @@ def linear_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, lam: float, out: torc
                    ) -> dict | None:
     """out[:] = merge.interpolation.linear: torch.lerp(w_ft, w_pt, lam) in float32, cast to w_ft's dtype.
     None when a weight is not finite (the caller runs the reference, which raises)."""
-    dt = torch.promote_types(w_ft.dtype, torch.float32)
-    n, C = w_ft.numel(), s.chunk
-    stats = {"n": n, "n_delta": 0, "reverted": 0, "mean_lam": float(lam)}
-    direct = out.dtype == dt and w_ft.dtype == dt
-    for i in range(0, n, C):
-        j = min(n, i + C)
-        m = j - i
-        wp, wf = w_pt[i:j], w_ft[i:j]
-        wp32, wf32 = _as(wp, dt, s.get(dt, 0)), _as(wf, dt, s.get(dt, 1))
-        r = out[i:j] if direct else s.get(dt, 6)[:m]
-        torch.lerp(wf32, wp32, lam, out=r)
-        if not _finite(r):
+    stats = {"n": w_ft.numel(), "n_delta": 0, "reverted": 0, "mean_lam": float(lam)}
+    for sl in _slices(w_ft.numel(), s.chunk):
+        if not _lerp_store(w_pt[sl], w_ft[sl], lam, out[sl], s, stats):
             return None
-        _store(r, wp, wf, out[i:j], s, stats)
     return stats
