@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cgm_min import cgm
 from cgm_min.cli import run
@@ -170,7 +171,7 @@ def test_provenance_model_card_and_carried_files(families, tmp_path):
     assert set(record["outputs"]) | {"cgm_merge.json"} == {p.name for p in out.iterdir()}
     stats = record["tensors"]
     assert len(stats) == 22 and all(0 <= s["mean_lam"] <= 1 and 0 <= s["reverted"] <= s["n_delta"] <= s["n"]
-                                    for s in stats.values())
+                                    and s["fraction_reverted"] == s["reverted"] / s["n_delta"] for s in stats.values())
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
                  "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (paths["ft"] / name).read_bytes(), name
@@ -181,6 +182,42 @@ def test_provenance_model_card_and_carried_files(families, tmp_path):
     from cgm_min.world.models import load_processor
     ids = [load_processor(p).tokenizer("USER: hi")["input_ids"] for p in (out, paths["ft"])]
     assert ids[0] == ids[1]
+
+
+def test_overwrite_replaces_only_after_success(families, tmp_path):
+    paths = families["llava", "original"]
+    cfg = write_config(tmp_path / "m.yaml", paths, "linear", {"lam": 0.25})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    assert run(main, [str(cfg), str(tmp_path / "out"), "--no-progress", "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "cgm_merge.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "out", "sha256-cache.json"]
+
+
+def test_verification_catches_a_wrong_tensor_outside_the_merge_set(families, tmp_path, monkeypatch, capsys):
+    from cgm_min.io.writer import ShardWriter
+    paths = families["llava", "original"]
+    cfg = write_config(tmp_path / "m.yaml", paths, "linear", {"lam": 0.25})
+
+    def wrong_copy(self, name, src_fd, src_offset):          # writes zeros instead of copying the bytes
+        n = self.offsets[name][1] - self.offsets[name][0]
+        return self.write_tensor(name, torch.zeros(n // 4))
+    monkeypatch.setattr(ShardWriter, "copy_tensor", wrong_copy)
+    assert run(main, [str(cfg), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "is outside the merge set but differs from fine_tuned" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformers_check_reports_renamed_keys(families, tmp_path):
+    from cgm_min.io.merge_checkpoints import transformers_load_check
+    src = families["qwen", "original"]["ft"]
+    shutil.copytree(src, tmp_path / "m")
+    sd = load_file(src / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight_renamed"] = sd.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(sd, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    report = transformers_load_check(tmp_path / "m")
+    assert report["checked"] and report["missing_keys"] == ["model.language_model.layers.0.mlp.up_proj.weight"]
+    assert len(report["unexpected_keys"]) == 1
 
 
 def test_input_hashes_are_remembered_until_a_file_changes(families, tmp_path, monkeypatch):

@@ -6,7 +6,8 @@
     outdir.py             AtomicOutputDir: files appear in OUT_DIR all at once or not at all (kill -9 included)
     layouts.py            both LLaVA / Qwen2.5-VL key layouts mapped to in-memory names; merge-set presets
     chunked.py            CGM and linear merges in cache-sized slices, bit-identical to the registry
-    merge_checkpoints.py  the Python API of `cgm-merge`: config, plan, streaming merge, verification, record
+    merge_config.py       the YAML config of `cgm-merge`, checked field by field
+    merge_checkpoints.py  the Python API of `cgm-merge`: plan, streaming merge, verification, record
     curvature_files.py    curvature written in the model's own shard layout (`cgm-merge curvature`)
 
 Nothing here imports transformers at module level (importing the model classes costs seconds): only the

@@ -24,8 +24,9 @@ How a merge runs (one tensor at a time; never a whole model or curvature dict in
      shapes or dtypes between the models, curvature that does not cover the merge set or has the wrong
      shape, unknown methods or hyperparameters, values out of range, patterns that match nothing, an
      existing output folder, too little free disk space.
-  2. For `alpha_normalised`, alpha = alpha_norm * sum(h_ft) / sum(h_pt) is computed first by
-     `cgm.alpha_from_normalised` itself over the merge set, the curvature read one tensor at a time.
+  2. For `alpha_normalised`, alpha = alpha_norm * sum(h_ft) / sum(h_pt) is computed first, over the merge
+     set, by cgm.total_curvature as cgm.alpha_from_normalised computes it (the curvature is read one tensor
+     at a time through a lazy mapping), so alpha equals the in-memory one bit for bit.
   3. The output mirrors the fine-tuned model's shards (same file names, same tensor order, its index
      file): each shard's header is written first, then every tensor. A merged tensor is read into reused
      buffers and merged by the registry's function for its method, with the fine-tuned model's in-memory
@@ -38,8 +39,9 @@ How a merge runs (one tensor at a time; never a whole model or curvature dict in
      pre-trained folder), a README.md model card; the staged folder is verified (`verify_output`), then
      cgm_merge.json (config, versions, SHA-256 of every input and output file, per-tensor statistics,
      the verification) is added and the folder is renamed to OUT_DIR.
-SHA-256 hashes are computed by a background thread while the merge runs. The output is deterministic: the
-same config gives the same bytes in every file (no times or machine paths are recorded).
+SHA-256 hashes are computed by a background thread while the merge runs, and input hashes are remembered
+across runs (`Hasher`). The output is deterministic: the same config gives the same bytes in every file (no
+time is recorded, and paths only as the config gives them).
 """
 from __future__ import annotations
 
@@ -796,7 +798,8 @@ def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher
                                 if ck is not None and info is not None:
                                     ck.prefetch(info.name)
                         t, st = merger.merge(tp)
-                        stats[tp.name] = {"canonical": tp.canonical, **st}
+                        frac = st["reverted"] / st["n_delta"] if st["n_delta"] else 0.0
+                        stats[tp.name] = {"canonical": tp.canonical, **st, "fraction_reverted": frac}
                         w.write_tensor(tp.name, t)
                     elif tp.out_dtype != tp.ft.dtype:
                         w.write_tensor(tp.name, merger.cast(tp))
