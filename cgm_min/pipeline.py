@@ -82,8 +82,20 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
             parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
                         "WORKERS": workers}, progress_bar=False,
         )
+        strip_stderr(done)
         os.replace(done, target)
     return target
+
+
+def strip_stderr(executed: Path) -> None:
+    """Remove every stderr stream (progress bars, library warnings) from an executed notebook, in place: the
+    book and the notebooks it serves show results, not progress. Errors are kept (they are not streams)."""
+    import nbformat
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if not (o.output_type == "stream" and o.name == "stderr")]
+    nbformat.write(nb, executed)
 
 
 def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2) -> list[Path]:

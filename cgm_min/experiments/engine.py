@@ -82,7 +82,7 @@ def _lmms(rows, cache, include_path):
 def _run(tasks: list[tuple[Callable, tuple]], workers: int, desc: str, progress: bool) -> list:
     """Run (function, args) tasks in `workers` single-thread processes (inline when workers == 1); results in
     task order. The first failure is raised after the others have been cancelled."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm          # a terminal bar on the real stderr, also inside a notebook kernel
     bar = tqdm(total=len(tasks), desc=desc, disable=not progress or not tasks, file=sys.__stderr__, mininterval=2)
     results = [None] * len(tasks)
     try:

@@ -241,7 +241,7 @@ def _sweep(spec, kind, control, model, weights, curv, inputs, pts, cfg, progress
                                             for t, v in per_sample.items()})
         return row
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm          # a terminal bar on the real stderr, also inside a notebook kernel
     import sys
     rows = [evaluate(p, "validation") for p in tqdm(pts, desc=f"sweep {spec.label} {kind}", disable=not progress,
                                                      file=sys.__stderr__, mininterval=5)]
