@@ -224,7 +224,14 @@ class MergePlan:
 
 
 def _model_folder(path: Path) -> Path:
+    """The folder of a checkpoint given as a folder, an index file or a weights file."""
     return path if path.is_dir() else path.parent
+
+
+def _is_model_folder(path: Path) -> bool:
+    """Whether the files beside `path` belong to its model: a folder, its index file or model.safetensors
+    (not an arbitrary .safetensors file in a folder of other things)."""
+    return path.is_dir() or path.name.endswith(".index.json") or path.name == "model.safetensors"
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -236,7 +243,7 @@ def _inside(a: Path, b: Path) -> bool:
 def _check_output_location(out_dir: Path, inputs: Mapping[str, Path], overwrite: bool, need: int) -> None:
     out = Path(os.path.abspath(out_dir))
     for role, p in inputs.items():
-        folder = _model_folder(p)
+        folder = _model_folder(p) if _is_model_folder(p) else p
         if _inside(out, folder) or _inside(folder, out) or _inside(p, out):
             raise ValueError(f"output folder {out} overlaps the {role} input {p}; choose another output folder")
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -253,11 +260,13 @@ def _check_output_location(out_dir: Path, inputs: Mapping[str, Path], overwrite:
                           f"{free / 1e9:.2f} GB are free")
 
 
-def _carried_files(ft_folder: Path, pt_folder: Path, skip: set[str]) -> dict[str, Path]:
+def _carried_files(ft_folder: Path | None, pt_folder: Path | None, skip: set[str]) -> dict[str, Path]:
     """Config, tokenizer, processor, chat template, generation config...: the fine-tuned folder's
     non-weight files, and those of the pre-trained folder's (FROM_BASE) that the fine-tuned one lacks."""
     out: dict[str, Path] = {}
     for folder in (ft_folder, pt_folder):
+        if folder is None:
+            continue
         for p in sorted(folder.iterdir()):
             if (p.is_file() and not p.name.startswith(".") and p.name not in NOT_CARRIED
                     and not WEIGHT_FILE.fullmatch(p.name) and p.name not in skip and p.name not in out
@@ -285,8 +294,8 @@ def plan_merge(config: MergeConfig, out_dir: str | os.PathLike | None = None, ov
         opened.append(pt)
         ft = Checkpoint(paths["fine_tuned"], "fine_tuned")
         opened.append(ft)
-        cfg_ft = read_model_config(_model_folder(paths["fine_tuned"]))
-        cfg_pt = read_model_config(_model_folder(paths["pre_trained"]))
+        cfg_ft, cfg_pt = (read_model_config(_model_folder(paths[r])) if _is_model_folder(paths[r]) else None
+                          for r in ("fine_tuned", "pre_trained"))
         mt_ft = (cfg_ft or {}).get("model_type")
         mt_pt = (cfg_pt or {}).get("model_type")
         if mt_ft and mt_pt and mt_ft != mt_pt:
@@ -361,7 +370,11 @@ def plan_merge(config: MergeConfig, out_dir: str | os.PathLike | None = None, ov
         else:
             hp = method.check(hp)
         index_name = "model.safetensors.index.json" if ft.sharded else None
-        ft_folder, pt_folder = _model_folder(paths["fine_tuned"]), _model_folder(paths["pre_trained"])
+        ft_folder, pt_folder = (_model_folder(paths[r]) if _is_model_folder(paths[r]) else None
+                                for r in ("fine_tuned", "pre_trained"))
+        if ft_folder is None:
+            notes.append("fine_tuned is a single weights file: the files beside it are not carried over (config, "
+                         "tokenizer and processor come from pre_trained's folder where it has them)")
         carried = _carried_files(ft_folder, pt_folder, set(shards) | {index_name or ""})
         layouts = {"pre_trained": layout_of(model_type, pt.names), "fine_tuned": layout_of(model_type, ft.names)}
         for role in h:
