@@ -289,3 +289,31 @@ def claims_table(df: pd.DataFrame, n_boot: int = 1000, fisher_merging_gap: float
     out["bands"] = ("not testable here", "the masks are drawn in the figure chapter")
     return pd.DataFrame([{"claim": c["claim"], "test": c["test"], "status": out[c["id"]][0],
                           "evidence": out[c["id"]][1]} for c in CLAIMS], index=[c["id"] for c in CLAIMS])
+
+
+def curvature_structure(w_pt: dict, w_ft: dict, h_pt: dict, h_ft: dict, alpha_norm: float = 1.0,
+                        max_entries: int = 200_000, seed: int = 0) -> dict:
+    """What Eq. 8 can do with a pair of curvatures, whatever the losses: if h_pt and h_ft are proportional
+    entry by entry, lam_i is the same for every entry and CGM IS linear interpolation. Returned:
+
+        spearman h_pt~h_ft      rank correlation of the two curvatures over the merge set's entries
+        lam spread (IQR)        interquartile range of lam_i at the given normalised alpha
+        lam far from mean       share of entries whose lam_i is more than 0.25 from the mean lam
+        relative movement       ||w_ft - w_pt|| / ||w_pt|| over the merge set
+    """
+    import torch
+    from .. import cgm
+    names = list(h_pt)
+    hp = torch.cat([h_pt[n].flatten().double() for n in names])
+    hf = torch.cat([h_ft[n].flatten().double() for n in names])
+    alpha = alpha_norm * float(hf.sum() / hp.sum())
+    lam = cgm.revert_ratio(hp, hf, alpha)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(hp.numel(), generator=g)[:max_entries]
+    rho = pd.Series(hp[idx].numpy()).corr(pd.Series(hf[idx].numpy()), method="spearman")
+    q1, q3 = torch.quantile(lam[idx], torch.tensor([0.25, 0.75], dtype=lam.dtype)).tolist()
+    d = torch.cat([(w_ft[n].double() - w_pt[n].double()).flatten() for n in names])
+    base = torch.cat([w_pt[n].double().flatten() for n in names])
+    return {"spearman h_pt~h_ft": float(rho), "mean lam": float(lam.mean()), "lam spread (IQR)": q3 - q1,
+            "lam far from mean": float(((lam - lam.mean()).abs() > 0.25).double().mean()),
+            "relative movement": float(d.norm() / base.norm())}
