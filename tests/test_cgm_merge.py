@@ -129,6 +129,41 @@ def test_sharded_bf16_llama(llama, tmp_path, method, params, dtype):
     assert json.loads((out / "config.json").read_text())["dtype"] == ("float32" if dtype == "float32" else "bfloat16")
 
 
+@pytest.mark.parametrize("method, params, dtype", [("cgm", {"alpha": 0.8}, "auto"), ("linear", {"lam": 0.3}, "float32")])
+def test_tensors_streamed_in_many_blocks(llama, tmp_path, monkeypatch, method, params, dtype):
+    """Blocks of 1000 entries (tensors of up to 6144): read ahead, written behind, equal to the reference."""
+    from cgm_min.io import streaming
+    monkeypatch.setattr(streaming, "BLOCK", 1000)
+    cfg = write_config(tmp_path / "m.yaml", llama, method, params, {"patterns": ["model.layers.1.*", "model.layers.2.*norm*"]},
+                       dtype=dtype)
+    record = merge_checkpoints(cfg, tmp_path / "out", progress=False, log=lambda *_: None)
+    check_equal_to_reference(tmp_path / "out", llama, None, method, params, record,
+                             torch.float32 if dtype == "float32" else None)
+
+
+def test_a_declined_block_is_rewritten_by_the_reference(llama, tmp_path, monkeypatch):
+    """Curvature near the float32 limit in a later block of a tensor: the kernel declines, the reference
+    (which accepts it) rewrites the tensor from its first byte."""
+    from cgm_min.io import streaming
+    monkeypatch.setattr(streaming, "BLOCK", 1000)
+    paths = dict(llama)
+    shutil.copytree(llama["h_pt"], tmp_path / "h_pt")
+    paths["h_pt"] = tmp_path / "h_pt"
+    shard = next(f for f in sorted((tmp_path / "h_pt").glob("*.safetensors")) if
+                 "model.layers.1.mlp.up_proj.weight" in load_file(f))
+    sd = load_file(shard)
+    sd["model.layers.1.mlp.up_proj.weight"].view(-1)[4321] = 3e38
+    save_file(sd, shard)
+    cfg = write_config(tmp_path / "m.yaml", paths, "cgm", {"alpha": 1.0}, {"patterns": ["model.layers.1.*"]})
+    from cgm_min.io.writer import ShardWriter
+    rewinds = []
+    real = ShardWriter.rewind
+    monkeypatch.setattr(ShardWriter, "rewind", lambda self: rewinds.append(1) or real(self))
+    record = merge_checkpoints(cfg, tmp_path / "out", progress=False, log=lambda *_: None)
+    check_equal_to_reference(tmp_path / "out", paths, None, "cgm", {"alpha": 1.0}, record)
+    assert rewinds == [1]                   # blocks 0-3 were written, then rewritten by the reference
+
+
 def test_curvature_files_mirror_the_model_shards(llama):
     h_index = json.loads((llama["h_pt"] / "model.safetensors.index.json").read_text())["weight_map"]
     m_index = json.loads((llama["pt"] / "model.safetensors.index.json").read_text())["weight_map"]

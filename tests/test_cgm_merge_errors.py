@@ -242,3 +242,20 @@ def test_full_disk_before_writing(pristine, tmp_path, capsys, monkeypatch):
                                   st.f_favail, st.f_flag, st.f_namemax))
     monkeypatch.setattr(os, "statvfs", almost_full)
     refused(tmp_path, capsys, write_config(tmp_path / "m.yaml", paths), "not enough free space")
+
+
+def test_bad_curvature_in_a_later_block(pristine, tmp_path, capsys, monkeypatch):
+    """Tensors streamed in blocks of 1000 entries: NaN in the sixth block of a tensor, after five were
+    written, is refused like any other."""
+    from cgm_min.io import streaming
+    monkeypatch.setattr(streaming, "BLOCK", 1000)
+    paths = fresh(pristine, tmp_path, "llama")
+    shard = next(f for f in sorted(paths["h_ft"].glob("*.safetensors"))
+                 if "model.layers.2.mlp.down_proj.weight" in load_file(f))
+
+    def change(sd):
+        sd["model.layers.2.mlp.down_proj.weight"].view(-1)[5555] = float("nan")
+    edit(shard, change)
+    cfg = write_config(tmp_path / "m.yaml", paths, parameters={"alpha": 0.5},
+                       merge_set={"patterns": ["model.layers.2.*"]})
+    refused(tmp_path, capsys, cfg, "h_ft contains NaN or Inf")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cgm_min import cgm
-from cgm_min.io.chunked import Scratch, linear_chunked, soft_mix_chunked
+from cgm_min.io.chunked import Scratch, linear_chunked, new_stats, soft_mix_chunked
 from cgm_min.merge import TensorInputs, get_method
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -79,3 +79,22 @@ def test_kernels_decline_what_the_reference_must_judge(label, which, index, valu
 def test_all_zero_curvature_is_declined():
     w_pt, w_ft, _, h_ft = inputs(2000, torch.float32)
     assert soft_mix_chunked(w_pt, w_ft, torch.zeros(2000), h_ft, 1.0, torch.empty(2000), Scratch(256)) is None
+
+
+def test_a_tensor_in_blocks_equals_one_call():
+    w_pt, w_ft, h_pt, h_ft = inputs(10_007, torch.bfloat16, seed=3)
+    whole = torch.empty(10_007, dtype=torch.bfloat16)
+    st = soft_mix_chunked(w_pt, w_ft, h_pt, h_ft, 0.8, whole, Scratch(512))
+    parts, acc, edges = torch.empty(10_007, dtype=torch.bfloat16), new_stats(), [0, 3000, 3001, 9000, 10_007]
+    for a, b in zip(edges, edges[1:]):
+        got = soft_mix_chunked(w_pt[a:b], w_ft[a:b], h_pt[a:b], h_ft[a:b], 0.8, parts[a:b], Scratch(512), acc,
+                               last=b == 10_007)
+    assert torch.equal(bits(parts), bits(whole))
+    assert {k: got[k] for k in ("n", "n_delta", "reverted")} == {k: st[k] for k in ("n", "n_delta", "reverted")}
+    assert got["mean_lam"] == pytest.approx(st["mean_lam"], rel=1e-6)
+    zeros = torch.zeros(10_007)                     # zero curvature in every block: declined at the last one
+    acc = new_stats()
+    assert soft_mix_chunked(w_pt[:5000], w_ft[:5000], zeros[:5000], h_ft[:5000], 1.0, parts[:5000], Scratch(512),
+                            acc, last=False) is not None
+    assert soft_mix_chunked(w_pt[5000:], w_ft[5000:], zeros[5000:], h_ft[5000:], 1.0, parts[5000:], Scratch(512),
+                            acc, last=True) is None

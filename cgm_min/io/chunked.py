@@ -91,12 +91,27 @@ def _slices(n: int, chunk: int):
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def new_stats() -> dict:
+    """Accumulators of a tensor merged in several calls (blocks): pass the same dict to every call."""
+    return {"n": 0, "lam_sum": 0.0, "n_delta": 0, "reverted": 0, "any_pt": False, "any_ft": False}
+
+
+def _finish(acc: dict, mean_lam: float | None = None) -> dict:
+    n = acc["n"]
+    return {"n": n, "n_delta": acc["n_delta"], "reverted": acc["reverted"],
+            "mean_lam": mean_lam if mean_lam is not None else (acc["lam_sum"] / n if n else 0.0)}
+
+
 def soft_mix_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, h_pt: torch.Tensor, h_ft: torch.Tensor,
-                     alpha: float, out: torch.Tensor, s: Scratch) -> dict | None:
+                     alpha: float, out: torch.Tensor, s: Scratch, acc: dict | None = None, last: bool = True
+                     ) -> dict | None:
     """out[:] = cgm.soft_mix(w_pt, w_ft, h_pt, h_ft, alpha) (cast to out's dtype), all four inputs and out
     flat tensors of one length. Returns the statistics, or None when the inputs need the reference (invalid
     values, or curvature so large that alpha * h could overflow): the caller then runs `soft_mix` itself,
     which raises the reference's error or computes the reference's result.
+
+    A tensor may come in consecutive blocks: pass one `acc` (new_stats()) to every call and last=True with
+    the final block; the whole-tensor check (curvature not zero everywhere) is made then.
 
     Two shortcuts, both exact: since h >= 0 and alpha >= 0, den = h_ft + alpha h_pt >= num >= 0, so
     `den > 0` fails only where num = den = 0, which is exactly where num / den is NaN (as long as den is
@@ -105,36 +120,38 @@ def soft_mix_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, h_pt: torch.Tensor,
     the weights.
     """
     dt = torch.promote_types(w_ft.dtype, torch.float32)
-    n = w_ft.numel()
     fallback = alpha / (1.0 + alpha)
-    stats = {"n": n, "lam_sum": 0.0, "n_delta": 0, "reverted": 0}
-    any_pt = any_ft = False
-    for sl in _slices(n, s.chunk):
+    acc = acc if acc is not None else new_stats()
+    acc["n"] += w_ft.numel()
+    for sl in _slices(w_ft.numel(), s.chunk):
         hp32, hf32 = _as(h_pt[sl], dt, s.get(dt, 2)), _as(h_ft[sl], dt, s.get(dt, 3))
         lo_pt, hi_pt = (float(v) for v in torch.aminmax(hp32))
         lo_ft, hi_ft = (float(v) for v in torch.aminmax(hf32))
         if not (lo_pt >= 0 and lo_ft >= 0 and alpha * hi_pt + hi_ft < FLOAT32_MAX / 2):
             return None                                    # negative, NaN, Inf, or near overflow
-        any_pt, any_ft = any_pt or hi_pt > 0, any_ft or hi_ft > 0
+        acc["any_pt"] = acc["any_pt"] or hi_pt > 0
+        acc["any_ft"] = acc["any_ft"] or hi_ft > 0
         num, den = s.get(dt, 4)[:hp32.numel()], s.get(dt, 5)[:hp32.numel()]
         torch.mul(hp32, alpha, out=num)                    # alpha * h_pt
         torch.add(hf32, num, out=den)                      # h_ft + alpha * h_pt
         torch.nan_to_num_(num.div_(den), nan=fallback, posinf=math.inf, neginf=-math.inf)   # lam, Eq. 8
-        stats["lam_sum"] += float(num.sum())
-        if not _lerp_store(w_pt[sl], w_ft[sl], num, out[sl], s, stats):
+        acc["lam_sum"] += float(num.sum())
+        if not _lerp_store(w_pt[sl], w_ft[sl], num, out[sl], s, acc):
             return None
-    if n and not (any_pt and any_ft):
+    if not last:
+        return acc
+    if acc["n"] and not (acc["any_pt"] and acc["any_ft"]):
         return None                                        # a curvature that is zero everywhere
-    stats["mean_lam"] = stats.pop("lam_sum") / n if n else 0.0
-    return stats
+    return _finish(acc)
 
 
-def linear_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, lam: float, out: torch.Tensor, s: Scratch
-                   ) -> dict | None:
+def linear_chunked(w_pt: torch.Tensor, w_ft: torch.Tensor, lam: float, out: torch.Tensor, s: Scratch,
+                   acc: dict | None = None, last: bool = True) -> dict | None:
     """out[:] = merge.interpolation.linear: torch.lerp(w_ft, w_pt, lam) in float32, cast to w_ft's dtype.
-    None when a weight is not finite (the caller runs the reference, which raises)."""
-    stats = {"n": w_ft.numel(), "n_delta": 0, "reverted": 0, "mean_lam": float(lam)}
+    None when a weight is not finite (the caller runs the reference, which raises). Blocks: as soft_mix_chunked."""
+    acc = acc if acc is not None else new_stats()
+    acc["n"] += w_ft.numel()
     for sl in _slices(w_ft.numel(), s.chunk):
-        if not _lerp_store(w_pt[sl], w_ft[sl], lam, out[sl], s, stats):
+        if not _lerp_store(w_pt[sl], w_ft[sl], lam, out[sl], s, acc):
             return None
-    return stats
+    return _finish(acc, float(lam)) if last else acc

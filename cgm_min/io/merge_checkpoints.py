@@ -59,12 +59,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .. import cgm
-from ..merge import MergeMethod, get_method, merge_state
-from .chunked import CHUNK, Scratch, linear_chunked, soft_mix_chunked
+from ..merge import MergeMethod, get_method
+from .chunked import CHUNK
 from .layouts import canonical_names, layout_of
 from .merge_config import OUT_DTYPES, MergeConfig, load_config, parse_config, resolve_input  # noqa: F401 (the API)
 from .outdir import AtomicOutputDir
-from .reader import DTYPES, Buffer, Checkpoint, TensorInfo, dtype_code, pread_into
+from .reader import DTYPES, Buffer, Checkpoint, dtype_code, pread_into
+from .streaming import CHUNKED, ShardStreamer, TensorPlan
 from .writer import ShardWriter, index_json, sha256_fd
 
 # Files of a model folder that are not carried into the output: weights (written anew), the model card
@@ -98,28 +99,6 @@ def read_model_config(folder: Path) -> dict | None:
     if not isinstance(data, dict):
         raise ValueError(f"{cfg} is not a JSON object")
     return data
-
-
-@dataclass
-class TensorPlan:
-    name: str                    # the fine-tuned model's (and the output's) stored name
-    canonical: str               # the in-memory name
-    merged: bool
-    ft: TensorInfo
-    pt: TensorInfo
-    out_dtype: str               # safetensors code
-    h_pt: TensorInfo | None = None
-    h_ft: TensorInfo | None = None
-
-    @property
-    def out_nbytes(self) -> int:
-        return self.ft.numel * DTYPES[self.out_dtype][1]
-
-    @property
-    def bytes_read(self) -> int:
-        if not self.merged:
-            return self.ft.nbytes
-        return self.ft.nbytes + self.pt.nbytes + sum(h.nbytes for h in (self.h_pt, self.h_ft) if h)
 
 
 @dataclass
@@ -158,26 +137,33 @@ class MergePlan:
 
     @property
     def chunked(self) -> bool:
-        return self.method.name in ("cgm", "linear")
+        return self.method.name in CHUNKED
 
     def buffer_bytes(self) -> dict[str, int]:
-        """Bytes of each reused buffer the merge allocates (the largest tensor each one holds)."""
+        """Bytes of the reused buffers the merge allocates: two sets of BLOCK entries per input for CGM and
+        linear, else the largest tensor each input holds; casts need the largest cast tensor."""
         merged = self.merged
         cast = [t for t in self.tensors if not t.merged and t.out_dtype != t.ft.dtype]
-        b = {"pre_trained": max((t.pt.nbytes for t in merged), default=0),
-             "fine_tuned": max((t.ft.nbytes for t in merged + cast), default=0),
-             "output": max((t.out_nbytes for t in merged + cast), default=0)}
+        if self.chunked:
+            b = {"blocks": ShardStreamer.block_bytes(self.method.name, merged)}
+            whole: list[TensorPlan] = []
+        else:
+            b, whole = {}, merged
+        b["pre_trained"] = max((t.pt.nbytes for t in whole), default=0)
+        b["fine_tuned"] = max((t.ft.nbytes for t in whole + cast), default=0)
+        b["output"] = max((t.out_nbytes for t in whole + cast), default=0)
         if self.h_pt is not None:
-            b["h_pt"] = max((t.h_pt.nbytes for t in merged), default=0)
-            b["h_ft"] = max((t.h_ft.nbytes for t in merged), default=0)
+            b["h_pt"] = max((t.h_pt.nbytes for t in whole), default=0)
+            b["h_ft"] = max((t.h_ft.nbytes for t in whole), default=0)
         return b
 
     def peak_memory_estimate(self) -> int:
         base = 450 << 20                               # python + torch + transformers, measured
         scratch = 12 * CHUNK * 8
         work = 0 if self.chunked else 6 * max((t.ft.numel for t in self.merged), default=0) * 4
-        if self.alpha_normalised is not None:
-            work = max(work, 8 * max((t.ft.numel for t in self.merged), default=0))
+        if self.alpha_normalised is not None:          # total_curvature's float64 copy of the largest tensor
+            work = max(work, 8 * max((t.ft.numel for t in self.merged), default=0) + max(
+                t.h_pt.nbytes for t in self.merged))
         return base + scratch + sum(self.buffer_bytes().values()) + work
 
     def describe(self) -> str:
@@ -410,75 +396,6 @@ class LazyTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def reference_merge(method: str, name: str, w_pt: torch.Tensor, w_ft: torch.Tensor, h_pt: torch.Tensor | None,
-                    h_ft: torch.Tensor | None, hyperparameters: Mapping) -> torch.Tensor:
-    """`merge_state` on one tensor: the in-memory reference, all of its checks included."""
-    curv = ({name: h_pt}, {name: h_ft}) if h_pt is not None else (None, None)
-    return merge_state(method, {name: w_pt}, {name: w_ft}, *curv, names=[name], **hyperparameters)[name]
-
-
-def tensor_stats(w_pt: torch.Tensor, w_ft: torch.Tensor, res: torch.Tensor, block: int = 1 << 20) -> dict:
-    """n, n_delta (entries whose bits differ between w_pt and w_ft), reverted (of those, entries whose result
-    equals w_pt bit for bit) and mean_lam (the mean of (w - w_ft) / (w_pt - w_ft) over entries whose values
-    differ: where the result sits between w_ft (0) and w_pt (1)), in slices of `block` entries."""
-    from .chunked import _BITS
-    bits = _BITS[w_ft.element_size()]
-    p, f, r = w_pt.reshape(-1), w_ft.reshape(-1), res.reshape(-1)
-    n = f.numel()
-    n_delta = reverted = n_val = 0
-    lam_sum = 0.0
-    for i in range(0, n, block):
-        sp, sf, sr = p[i:i + block], f[i:i + block], r[i:i + block]
-        differ = sp.view(bits) != sf.view(bits)
-        n_delta += int(differ.sum())
-        reverted += int((differ & (sr.view(bits) == sp.view(bits))).sum())
-        d = sp.double() - sf.double()
-        keep = d != 0
-        n_val += int(keep.sum())
-        lam_sum += float(((sr.double() - sf.double())[keep] / d[keep]).sum())
-    return {"n": n, "n_delta": n_delta, "reverted": reverted, "mean_lam": lam_sum / n_val if n_val else 0.0}
-
-
-class Merger:
-    """Merges the tensors of a plan one at a time into a reused output buffer."""
-
-    def __init__(self, plan: MergePlan, hyperparameters: Mapping):
-        self.plan, self.hp = plan, dict(hyperparameters)
-        self.scratch = Scratch()
-        self.out = Buffer()
-        for role, nbytes in plan.buffer_bytes().items():
-            ck = {"pre_trained": plan.pt, "fine_tuned": plan.ft, "h_pt": plan.h_pt, "h_ft": plan.h_ft}.get(role)
-            (ck.buffer if ck is not None else self.out).reserve(nbytes)
-
-    def merge(self, tp: TensorPlan) -> tuple[torch.Tensor, dict]:
-        """(the merged tensor in the output dtype, flat, a view into the output buffer; its statistics)."""
-        p = self.plan
-        w_pt, w_ft = p.pt.read(tp.pt.name), p.ft.read(tp.name)
-        h_pt = p.h_pt.read(tp.h_pt.name) if tp.h_pt is not None else None
-        h_ft = p.h_ft.read(tp.h_ft.name) if tp.h_ft is not None else None
-        out_dt = DTYPES[tp.out_dtype][0]
-        self.out.reserve(tp.out_nbytes)
-        out = self.out.tensor(tp.out_nbytes, out_dt, (tp.ft.numel,))
-        flat = [t.reshape(-1) if t is not None else None for t in (w_pt, w_ft, h_pt, h_ft)]
-        stats = None
-        if p.method.name == "cgm":
-            stats = soft_mix_chunked(*flat, self.hp["alpha"], out, self.scratch)
-        elif p.method.name == "linear":
-            stats = linear_chunked(flat[0], flat[1], self.hp["lam"], out, self.scratch)
-        if stats is None:          # the reference: every other method, and inputs the kernels decline
-            res = reference_merge(p.method.name, tp.canonical, w_pt, w_ft, h_pt, h_ft, self.hp)
-            stats = tensor_stats(w_pt, w_ft, res)
-            out.copy_(res.reshape(-1))
-        return out, stats
-
-    def cast(self, tp: TensorPlan) -> torch.Tensor:
-        """A tensor outside the merge set, cast to the output dtype."""
-        w = self.plan.ft.read(tp.name).reshape(-1)
-        self.out.reserve(tp.out_nbytes)
-        out = self.out.tensor(tp.out_nbytes, DTYPES[tp.out_dtype][0], (tp.ft.numel,))
-        return out.copy_(w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,41 +703,35 @@ def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher
         hp = plan.method.check({**hp, "alpha": alpha})
         alpha_rec = {"alpha_normalised": plan.alpha_normalised, "sum_h_pt": sum_pt, "sum_h_ft": sum_ft,
                      "alpha": alpha}
-    merger = Merger(plan, hp)
     stats: dict[str, dict] = {}
     total = plan.bytes_read + plan.bytes_written
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="cgm-merge", disable=not progress,
                dynamic_ncols=True, leave=False)
+
+    def done(tp: TensorPlan, st: dict | None) -> None:
+        if st is not None:
+            frac = st["reverted"] / st["n_delta"] if st["n_delta"] else 0.0
+            stats[tp.name] = {"canonical": tp.canonical, **st, "fraction_reverted": frac}
+        bar.set_postfix_str(tp.name[-40:], refresh=False)
+        bar.update(tp.bytes_read + tp.out_nbytes)
+
+    streamer = ShardStreamer({"pt": plan.pt, "ft": plan.ft, "h_pt": plan.h_pt, "h_ft": plan.h_ft},
+                             plan.method.name, hp)
     with AtomicOutputDir(out_dir, overwrite) as out:
-        for shard, tps in plan.shards.items():
-            fd = out.create(shard)
-            entries = [(t.name, t.out_dtype, t.ft.shape) for t in tps]
-            src = tps[0].ft.file
-            src_file = next(f for f in plan.ft.files if f.path == src)
-            same = all(t.out_dtype == t.ft.dtype for t in tps) and [t.name for t in tps] == list(src_file.infos)
-            with ShardWriter(fd, entries, src_file.metadata, header=src_file.header_bytes if same else None,
-                             name=shard) as w:
-                upcoming = [t for t in tps if t.merged]
-                following = dict(zip((t.name for t in upcoming), upcoming[1:]))
-                for tp in tps:
-                    if tp.merged:
-                        nxt = following.get(tp.name)
-                        if nxt is not None:         # let the kernel read the next merged tensor meanwhile
-                            for ck, info in ((plan.pt, nxt.pt), (plan.ft, nxt.ft), (plan.h_pt, nxt.h_pt),
-                                             (plan.h_ft, nxt.h_ft)):
-                                if ck is not None and info is not None:
-                                    ck.prefetch(info.name)
-                        t, st = merger.merge(tp)
-                        frac = st["reverted"] / st["n_delta"] if st["n_delta"] else 0.0
-                        stats[tp.name] = {"canonical": tp.canonical, **st, "fraction_reverted": frac}
-                        w.write_tensor(tp.name, t)
-                    elif tp.out_dtype != tp.ft.dtype:
-                        w.write_tensor(tp.name, merger.cast(tp))
-                    else:
-                        w.copy_tensor(tp.name, plan.ft.fd(tp.name), tp.ft.start)
-                    bar.set_postfix_str(tp.name[-40:], refresh=False)
-                    bar.update(tp.bytes_read + tp.out_nbytes)
-            hasher.add(("out", shard), fd)
+        try:
+            for shard, tps in plan.shards.items():
+                fd = out.create(shard)
+                entries = [(t.name, t.out_dtype, t.ft.shape) for t in tps]
+                src = next(f for f in plan.ft.files if f.path == tps[0].ft.file)
+                same = all(t.out_dtype == t.ft.dtype for t in tps) and [t.name for t in tps] == list(src.infos)
+                with ShardWriter(fd, entries, src.metadata, header=src.header_bytes if same else None,
+                                 name=shard) as w:
+                    streamer.write_shard(w, tps, done)
+                hasher.add(("out", shard), fd)
+            streamer.close()
+        except BaseException:
+            streamer.close(cancel=True)
+            raise
         bar.close()
         if plan.index_name:
             meta = {k: v for k, v in plan.ft.index.get("metadata", {}).items() if k != "total_size"}

@@ -71,30 +71,49 @@ class ShardWriter:
         self.header = header if header is not None else built
         self.order = [e[0] for e in entries]
         self.codes = {e[0]: e[1] for e in entries}
-        self.next = 0
-        self.size = len(self.header) + (max((e for _, e in self.offsets.values()), default=0))
+        self.next = self._size = self._left = self._start = 0
         write_all(fd, memoryview(self.header))
 
-    def _expect(self, name: str) -> int:
+    def begin(self, name: str) -> int:
+        """Start the next tensor (it must be the next in header order); returns its size in bytes. Its bytes
+        then come in any number of `write` calls, and `end` checks that all of them came."""
         if self.next >= len(self.order) or self.order[self.next] != name:
             want = self.order[self.next] if self.next < len(self.order) else "nothing more"
             raise RuntimeError(f"{self.name}: tensors must be written in header order; got {name!r}, expected {want!r}")
         begin, end = self.offsets[name]
         self.next += 1
-        return end - begin
+        self._size = self._left = end - begin
+        self._start = len(self.header) + begin
+        return self._size
+
+    def write(self, data: memoryview) -> None:
+        if len(data) > self._left:
+            raise RuntimeError(f"{self.name}: {self.order[self.next - 1]!r} gets more bytes than the header says")
+        write_all(self.fd, data)
+        self._left -= len(data)
+
+    def end(self) -> None:
+        if self._left:
+            raise RuntimeError(f"{self.name}: {self.order[self.next - 1]!r} is {self._left} bytes short")
+
+    def rewind(self) -> None:
+        """Write the current tensor again from its first byte."""
+        os.lseek(self.fd, self._start, os.SEEK_SET)
+        self._left = self._size
 
     def write_tensor(self, name: str, t: torch.Tensor) -> int:
         """Write the next tensor from memory; its dtype and size must match the header."""
-        n = self._expect(name)
+        n = self.begin(name)
         if dtype_code(t.dtype) != self.codes[name] or t.numel() * t.element_size() != n:
             raise RuntimeError(f"{self.name}: {name!r} is {t.dtype} with {t.numel()} elements, the header says "
                                f"{self.codes[name]} and {n} bytes")
-        write_all(self.fd, tensor_bytes(t))
+        self.write(tensor_bytes(t))
+        self.end()
         return n
 
     def copy_tensor(self, name: str, src_fd: int, src_offset: int) -> int:
         """Write the next tensor by copying its bytes from another file (kernel-side copy_file_range)."""
-        n = self._expect(name)
+        n = self.begin(name)
         done = 0
         try:
             while done < n:
@@ -113,9 +132,11 @@ class ShardWriter:
                     raise ValueError(f"{self.name}: unexpected end of the source file while copying {name!r}")
                 write_all(self.fd, view[:k])
                 done += k
+        self._left = 0
         return n
 
     def close(self) -> None:
+        self.end()
         if self.next != len(self.order):
             raise RuntimeError(f"{self.name}: {len(self.order) - self.next} tensors were never written")
 
