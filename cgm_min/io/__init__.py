@@ -6,6 +6,7 @@
     outdir.py             AtomicOutputDir: files appear in OUT_DIR all at once or not at all (kill -9 included)
     layouts.py            both LLaVA / Qwen2.5-VL key layouts mapped to in-memory names; merge-set presets
     chunked.py            CGM and linear merges in cache-sized slices, bit-identical to the registry
+    streaming.py          one output shard: blocks read ahead and written behind on an IO thread
     merge_config.py       the YAML config of `cgm-merge`, checked field by field
     merge_checkpoints.py  the Python API of `cgm-merge`: plan, streaming merge, verification, record
     curvature_files.py    curvature written in the model's own shard layout (`cgm-merge curvature`)

@@ -28,12 +28,14 @@ How a merge runs (one tensor at a time; never a whole model or curvature dict in
      set, by cgm.total_curvature as cgm.alpha_from_normalised computes it (the curvature is read one tensor
      at a time through a lazy mapping), so alpha equals the in-memory one bit for bit.
   3. The output mirrors the fine-tuned model's shards (same file names, same tensor order, its index
-     file): each shard's header is written first, then every tensor. A merged tensor is read into reused
-     buffers and merged by the registry's function for its method, with the fine-tuned model's in-memory
-     name (so seeded methods draw what they draw in memory); CGM and linear use the chunked kernels of
-     chunked.py, bit-identical to the registry. Tensors outside the merge set are copied byte for byte.
-     Math is float32 (float64 for float64 weights), weights are cast before w_pt - w_ft, and results are
-     stored in the fine-tuned model's dtype (then cast when `dtype` asks for another).
+     file): each shard's header is written first, then every tensor (streaming.ShardStreamer). CGM and
+     linear stream each tensor in blocks through the chunked kernels of chunked.py (bit-identical to the
+     registry), an IO thread reading the next block and writing the previous one while the main thread
+     computes; every other method gets the whole tensor, read into reused buffers, and the registry's own
+     function, called with the in-memory name (so seeded methods draw what they draw in memory).
+     Tensors outside the merge set are copied byte for byte. Math is float32 (float64 for float64
+     weights), weights are cast before w_pt - w_ft, and results are stored in the fine-tuned model's dtype
+     (then cast when `dtype` asks for another).
   4. Into a hidden folder beside OUT_DIR (outdir.AtomicOutputDir): the shards, the index, the fine-tuned
      model's config, tokenizer, processor, chat template and generation config (missing ones from the
      pre-trained folder), a README.md model card; the staged folder is verified (`verify_output`), then

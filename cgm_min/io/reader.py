@@ -306,11 +306,13 @@ class Checkpoint:
         pread_into(self._fds[info.file], buf.view[:info.nbytes], info.start, f"{self.what}: {info.file}")
         return buf.tensor(info.nbytes, info.torch_dtype, info.shape)
 
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading tensor `name` in the background (posix_fadvise WILLNEED)."""
+    def prefetch(self, name: str, offset: int = 0, nbytes: int | None = None) -> None:
+        """Ask the kernel to start reading bytes [offset, offset + nbytes) of tensor `name` (default: all of
+        it) in the background (posix_fadvise WILLNEED): a cold read overlaps the work on earlier bytes."""
         info = self.info(name)
-        if info.nbytes and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fds[info.file], info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        n = max(0, min(info.nbytes - offset, info.nbytes if nbytes is None else nbytes))
+        if n and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fds[info.file], info.start + offset, n, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         for f in self.files:

@@ -115,7 +115,7 @@ class ShardStreamer:
             return 0
         per_entry = max((sum(DTYPES[i.dtype][1] for i in (t.pt, t.ft, t.h_pt, t.h_ft) if i is not None)
                          + DTYPES[t.out_dtype][1] for t in merged), default=0)
-        return 2 * block * per_entry
+        return 2 * min(block, max((t.ft.numel for t in merged), default=0)) * per_entry
 
     def jobs(self, tps) -> list[Job]:
         out = []
@@ -145,6 +145,8 @@ class ShardStreamer:
             pread_into(self.ck[role].fd(info.name), bufs[role].view[:nbytes], info.start + job.start * size,
                        f"{role}: {info.file}")
             views[role] = bufs[role].tensor(nbytes, info.torch_dtype, (job.n,))
+            if not job.last:                        # the block after the next one, from a cold disk meanwhile
+                self.ck[role].prefetch(info.name, (job.start + 2 * job.n) * size, job.n * size)
         return views
 
     @staticmethod
