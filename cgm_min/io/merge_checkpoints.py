@@ -692,9 +692,9 @@ def _run(plan: MergePlan, out_dir: Path, overwrite: bool, progress: bool, hasher
     if plan.alpha_normalised is not None:
         lp = LazyTensors(plan.h_pt, {t.canonical: t.h_pt.name for t in merged})
         lf = LazyTensors(plan.h_ft, {t.canonical: t.h_ft.name for t in merged})
-        for ck in (plan.h_pt, plan.h_ft):
-            ck.buffer.reserve(plan.buffer_bytes()["h_pt" if ck is plan.h_pt else "h_ft"])
         sum_pt, sum_ft = cgm.total_curvature(lp), cgm.total_curvature(lf)    # as alpha_from_normalised
+        for ck in (plan.h_pt, plan.h_ft):
+            ck.buffer = Buffer()                # whole-tensor reads are over: give the memory back
         if not (math.isfinite(sum_pt) and math.isfinite(sum_ft)):
             raise ValueError(f"alpha_normalised: the curvature contains NaN or Inf (sum over the merge set: h_pt "
                              f"{sum_pt:g}, h_ft {sum_ft:g})")
