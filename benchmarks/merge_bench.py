@@ -1,7 +1,7 @@
 """cgm-merge against mergekit on a synthetic Llama-shaped pair: ratios measured side by side in one run.
 
-    .venv/bin/python benchmarks/merge_bench.py --dir /data/merge-bench                 # the issue's size
-    .venv/bin/python benchmarks/merge_bench.py --dir /tmp/mb --scale small --repeats 1 # checks the script
+    .venv/bin/python benchmarks/merge_bench.py --dir DIR                               # the issue's size
+    .venv/bin/python benchmarks/merge_bench.py --dir DIR --scale small --repeats 1     # checks the script
 
 Scales (every input generated here, seeded, into --dir; nothing large goes into the repository):
   full   1.143 B parameters (hidden 2048, 20 layers, FFN 5504, 16 heads, vocab 32000, untied head): each
