@@ -127,7 +127,13 @@ def paper_results(df: pd.DataFrame | None = None) -> pd.DataFrame:
                 row[f"sd:{c}"] = r["std"] / 100
                 row[f"printed:{c}"] = _printed(r["value"], int(r["decimals"]), r["std"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    # task columns: every table's general tasks in its printed order, then the targets (a task is a column
+    # once, so the order of the columns is each table's printed order: `setting_tasks` reads it from there)
+    order = list(dict.fromkeys(t for suite in paper.general_suite(df).values() for t in suite))
+    order += [t for t in out["target"].unique() if t not in order]
+    tasks = [f"{rs.TASK_PREFIX}{t}" for t in order]
+    return out[[c for c in out.columns if not c.startswith(rs.TASK_PREFIX)] + tasks]
 
 
 def as_results(source: pd.DataFrame) -> pd.DataFrame:
@@ -473,7 +479,7 @@ def column_spread(recovery: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Tables 1-5: best bold, second best underlined.
 
-@dataclass
+@dataclass(repr=False)
 class ScoreTable:
     """A table as the paper prints it: values (points, for ranking), text (what is shown) and marks ("best",
     "second" or "") per cell. Displays as HTML (a pandas Styler) in a notebook and the book."""
@@ -499,6 +505,9 @@ class ScoreTable:
 
     def _repr_html_(self) -> str:
         return self.styler().to_html()
+
+    def __repr__(self) -> str:
+        return self.to_markdown()
 
 
 def rank_marks(values: pd.DataFrame, exclude: Sequence = ()) -> pd.DataFrame:
@@ -612,14 +621,17 @@ def claims_beside(statuses: Mapping[str, str]) -> pd.DataFrame:
                           "in miniature": statuses[c["id"]]} for c in CLAIMS], index=[c["id"] for c in CLAIMS])
 
 
+AGREEMENT = {"reproduced in miniature": "is reproduced in the miniature",
+             "not reproduced": "is not reproduced: here the miniature disagrees with the paper",
+             "mixed": "holds in some miniature settings and not in others (mixed)",
+             "not testable here": "is not tested by the merge chapter"}
+
+
 def agreement(claim_ids: Sequence[str], statuses: Mapping[str, str]) -> str:
-    """One sentence for a caption: the merge chapter's status of each claim a figure concerns, saying where
-    the miniature disagrees with the paper."""
+    """Sentences for a caption: the merge chapter's status of each claim a figure concerns, saying where
+    the miniature disagrees with the paper (the statuses are read, never recomputed)."""
     import re
     from .regimes import CLAIMS
     text = {c["id"]: re.sub(r"\s*\([^)]*\)$", "", c["claim"]) for c in CLAIMS}
-    verb = {"reproduced in miniature": "agrees with", "not reproduced": "disagrees with",
-            "mixed": "partly agrees with", "not testable here": "does not test"}
-    parts = [f"the miniature {verb.get(statuses[c], statuses[c])} the paper's claim \"{text[c]}\" "
-             f"({statuses[c]})" for c in claim_ids]
-    return "In the merge chapter, " + "; ".join(parts) + "."
+    return " ".join(f"The paper's claim \"{text[c]}\" {AGREEMENT.get(statuses[c], statuses[c])}."
+                    for c in claim_ids)
