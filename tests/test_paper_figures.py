@@ -80,6 +80,22 @@ def test_paper_results_is_a_results_table(paper_df):
     assert pf.as_results(paper_df).equals(pr) and pf.as_results(pr) is pr
 
 
+def test_paper_cells_are_printed_as_in_the_csv():
+    """Every `printed:` cell of Tables 1-4 is the CSV's text: the value's digits and its "±"."""
+    import csv
+    import io
+    from importlib import resources
+    text = resources.files("cgm_min").joinpath("data", paper.CSV).read_text(encoding="utf-8")
+    pr = pf.paper_results()
+    for r in csv.DictReader(io.StringIO(text)):
+        if r["table"] == "5":
+            continue
+        col = {"general": f"task:{r['benchmark']}", "target": f"task:{r['benchmark']}", "pre_avg": "pre_avg",
+               "hscore": "hscore", "avg": "avg"}[r["role"]]
+        row = pr[(pr["table"] == int(r["table"])) & (pr["variant"] == r["method"])].iloc[0]
+        assert row[f"printed:{col}"] == (r["value"] + (f" ± {r['std']}" if r["std"] else "")), r
+
+
 def test_paper_settings_and_counterparts():
     assert pf.paper_setting(1) == {"family": "llava", "target": "OKVQA", "regime": "paper"}
     assert pf.paper_setting(4)["family"] == "qwen"

@@ -96,8 +96,10 @@ def is_paper_table(df: pd.DataFrame) -> bool:
 
 
 def _printed(value: float, decimals: int, std: float) -> str:
+    """A cell as printed: the value with its printed decimals, and its "±" (the paper prints every non-zero
+    standard deviation with two decimals and a zero as "0"; the tests compare with the CSV's text)."""
     text = f"{value:.{decimals}f}"
-    return text if np.isnan(std) else f"{text} ± {std:g}"
+    return text if np.isnan(std) else f"{text} ± {'0' if std == 0 else f'{std:.2f}'}"
 
 
 def paper_results(df: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -460,7 +462,7 @@ def fig6_recovery(ax, masks: Mapping[str, torch.Tensor], k: float, block: int = 
     budget k as a dashed line. Returns {variant: recovery per block}."""
     out = {}
     for v, mask in masks.items():
-        colour, marker = method_style(v)
+        colour, _ = method_style(v)
         out[v] = column_recovery(mask, block)
         ax.plot(np.arange(len(out[v])), out[v], "-", color=colour, lw=1.2, label=label(v))
     ax.axhline(k, color="black", ls="--", lw=0.8)
