@@ -31,7 +31,7 @@ def _row(**kw):
                  "n_layers": -1, "regime": "default", "curvature": "fisher_during", "run": "r", "method": "linear",
                  "variant": "linear", "hyperparameters": "{}", "split": "validation", "control": "",
                  "selected": False, "pre_avg": 0.5, "target_score": 0.5, "hscore": 0.5, "avg": 0.5,
-                 "task:colour": 0.5, "exact_bits": ""})
+                 "task:colour": 0.5, "task:corners": 0.5, "exact_bits": ""})
     base.update(kw)
     return base
 
@@ -46,7 +46,12 @@ def test_schema_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"column 'task:colour' must hold scores in \[0, 1\]"):
         results.check_schema(pd.DataFrame([_row(**{"task:colour": 1.5})]))
     with pytest.raises(ValueError, match=r"no per-task score columns"):
-        results.check_schema(good.drop(columns=["task:colour"]))
+        results.check_schema(good.drop(columns=["task:colour", "task:corners"]))
+    # two targets: each row has its own target's score, the other target's column is empty
+    two = pd.DataFrame([_row(), _row(target="colour_code", **{"task:colour_code": 0.7, "task:corners": None})])
+    results.check_schema(two)
+    with pytest.raises(ValueError, match=r"rows with target 'colour_code' need its score in column 'task:colour_code'"):
+        results.check_schema(two.assign(**{"task:colour_code": [None, None]}))
 
 
 def test_selection_takes_the_best_validation_row_first_in_grid_order():

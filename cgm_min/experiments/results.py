@@ -55,8 +55,14 @@ def check_schema(df: pd.DataFrame, where: str = "results table") -> pd.DataFrame
         raise ValueError(f"{where}: unknown split {bad[0]!r}; known: {list(SPLITS)}")
     for c in ["pre_avg", "target_score", "hscore", "avg"] + task_columns(df):
         v = pd.to_numeric(df[c], errors="coerce")
-        if v.isna().any() or ((v < 0) | (v > 1)).any():
+        # a task column is empty on rows of runs that did not evaluate that task (another target)
+        if (c in task_columns(df) and (v.isna() & df[c].notna()).any()) or (c not in task_columns(df) and v.isna().any()) \
+                or ((v < 0) | (v > 1)).any():
             raise ValueError(f"{where}: column {c!r} must hold scores in [0, 1]")
+    for t in set(df["target"]):
+        col = f"{TASK_PREFIX}{t}"
+        if col not in df.columns or df.loc[df["target"] == t, col].isna().any():
+            raise ValueError(f"{where}: rows with target {t!r} need its score in column {col!r}")
     return df
 
 
