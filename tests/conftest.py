@@ -31,6 +31,13 @@ def notebook_metrics(tiny_run):
     return lambda name: read_metrics(tiny_run / "results" / name)
 
 
+@pytest.fixture(scope="session")
+def merge_results(tiny_run):
+    """The results table that notebook 05 (the merge experiment) wrote in the tiny run; notebook 06 draws it."""
+    from cgm_min.experiments import results
+    return results.read_table(tiny_run / "results" / "05_merging_experiment" / "results.parquet")
+
+
 # Miniature models with random weights, one set per test module (tests may change their weights).
 @pytest.fixture(scope="module")
 def processors():

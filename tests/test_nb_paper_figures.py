@@ -21,8 +21,8 @@ def m(notebook_metrics):
 
 
 @pytest.fixture(scope="module")
-def table(tiny_run, m):
-    return results.read_table(tiny_run / "results" / RESULTS / "results.parquet")
+def table(merge_results, m):
+    return merge_results
 
 
 def test_figures_are_written(tiny_run, m):
