@@ -77,10 +77,12 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
         plain = Path(tmp) / f"{name}.ipynb"
         jupytext.write(jupytext.read(src), plain)
         done = Path(tmp) / f"{name}.executed.ipynb"
+        offered = {"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
+                   "WORKERS": workers}
+        declared = papermill.inspect_notebook(str(plain))          # the names in its `parameters` cell
         papermill.execute_notebook(
             str(plain), str(done), kernel_name="python3", cwd=str(out), execution_timeout=timeout,
-            parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
-                        "WORKERS": workers}, progress_bar=False,
+            parameters={k: v for k, v in offered.items() if k in declared}, progress_bar=False,
         )
         strip_stderr(done)
         os.replace(done, target)
