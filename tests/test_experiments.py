@@ -179,3 +179,16 @@ def test_a_row_rebuilds_to_the_same_scores(small_run):
     scorer.load(sweep.rebuild_merge(row, cache))
     means = scorer.means()
     assert all(means[t]["exact"] == row[f"task:{t}"] for t in means)
+
+
+def test_front_indices_keep_exactly_the_non_dominated_points():
+    from cgm_min.experiments.figures import front_indices
+    t = np.array([0.1, 0.5, 0.5, 0.9, 0.3])
+    p = np.array([0.9, 0.8, 0.6, 0.2, 0.5])
+    assert front_indices(t, p).tolist() == [0, 1, 3]        # (0.5, 0.6) and (0.3, 0.5) are dominated
+    rng = np.random.default_rng(0)
+    t, p = rng.random(40), rng.random(40)
+    keep = set(front_indices(t, p).tolist())
+    for i in range(40):
+        dominated = any((t[j] >= t[i]) and (p[j] >= p[i]) and (t[j] > t[i] or p[j] > p[i]) for j in range(40))
+        assert (i in keep) == (not dominated)

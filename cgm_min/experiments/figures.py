@@ -39,8 +39,8 @@ def _check_variants(df: pd.DataFrame, variants: Sequence[str]) -> None:
 
 def pareto_fronts(ax, df: pd.DataFrame, where: Mapping, variants: Sequence[str], split: str = "validation",
                   seed: int | None = None, label: bool = True):
-    """(Target, Pre-Avg) of every grid point of each variant, joined in grid order, with the two endpoints;
-    one seed (default: the lowest present)."""
+    """(Target, Pre-Avg) of every grid point of each variant, with a line through the points of its grid that
+    no other of its points dominates, and the two endpoints; one seed (default: the lowest present)."""
     _require(df, rs.COLUMNS, "pareto_fronts")
     d = _select(df[(df["split"] == split) & (df["control"] == where.get("control", ""))],
                 {k: v for k, v in where.items() if k != "control"})
@@ -54,13 +54,24 @@ def pareto_fronts(ax, df: pd.DataFrame, where: Mapping, variants: Sequence[str],
             ax.scatter(100 * g["target_score"], 100 * g["pre_avg"], s=70, marker=marker, color=colour, zorder=5,
                        label=v.replace("_", "-") if label else None, edgecolor="black", linewidth=0.6)
             continue
-        order = np.argsort(g["target_score"].to_numpy())
-        ax.plot(100 * g["target_score"].to_numpy()[order], 100 * g["pre_avg"].to_numpy()[order], "-",
-                color=colour, lw=1, alpha=0.6)
-        ax.scatter(100 * g["target_score"], 100 * g["pre_avg"], s=18, marker=marker, color=colour,
-                   label=v if label else None)
+        t, p = g["target_score"].to_numpy(), g["pre_avg"].to_numpy()
+        front = front_indices(t, p)
+        ax.plot(100 * t[front], 100 * p[front], "-", color=colour, lw=1.2, alpha=0.8)
+        ax.scatter(100 * t, 100 * p, s=16, marker=marker, color=colour, alpha=0.55, label=v if label else None)
     ax.set(xlabel="Target (%)", ylabel="Pre-Avg (%)")
     return ax
+
+
+def front_indices(target: np.ndarray, pre: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point dominates (higher or equal in both, higher in one), ordered by
+    target: the line a method's grid can reach."""
+    order = np.lexsort((-pre, -target))                # target descending, then pre-avg descending
+    keep, best = [], -np.inf
+    for i in order:
+        if pre[i] > best:
+            keep.append(i)
+            best = pre[i]
+    return np.array(keep[::-1], dtype=int)
 
 
 def paired_forest(ax, comp: pd.DataFrame, label_of=lambda r: f"{r['family']} / {r['target']}"):
