@@ -145,8 +145,9 @@ def select_lowest(score: Tensor, k: float, per_row: bool = True) -> Tensor:
     """Boolean mask of the `revert_count(n, k)` lowest scores, per output row (`per_row=True`, rows =
     first dimension, every other dimension flattened into columns) or over the whole tensor (Eq. 13).
 
-    O(n) selection: kthvalue finds the threshold, entries below it are taken and ties at it are taken in
-    index order (lowest index first), so the mask is deterministic.
+    O(n) selection: the m-th smallest value of each row is the threshold (a partial selection, `kth_smallest`);
+    entries below it are taken and ties at it are taken in index order (lowest index first), so the mask is
+    deterministic and equals a stable sort's first m.
     """
     if score.numel() == 0:
         return torch.zeros_like(score, dtype=torch.bool)
@@ -154,12 +155,25 @@ def select_lowest(score: Tensor, k: float, per_row: bool = True) -> Tensor:
     m = revert_count(rows.shape[1], k)
     if m == 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    thresh = rows.kthvalue(m, dim=1, keepdim=True).values             # (rows, 1) m-th smallest
-    below = rows < thresh
-    ties = rows == thresh
-    need = m - below.sum(dim=1, keepdim=True)                          # ties still to take, per row
-    mask = below | (ties & (ties.cumsum(dim=1) <= need))
+    thresh = kth_smallest(rows, m)                                      # (rows, 1)
+    mask = rows <= thresh
+    over = mask.sum(dim=1) > m                                          # rows with more ties than budget left
+    if over.any():
+        r, t = rows[over], thresh[over]
+        below, ties = r < t, r == t
+        need = m - below.sum(dim=1, keepdim=True)                      # ties still to take, per row
+        mask[over] = below | (ties & (ties.cumsum(dim=1) <= need))
     return mask.reshape(score.shape)
+
+
+def kth_smallest(rows: Tensor, m: int) -> Tensor:
+    """(rows, 1): the m-th smallest value of each row (1 <= m <= n), by a partial selection of the m smallest
+    or of the n - m + 1 largest, whichever is fewer (torch.topk: several times faster than kthvalue or a
+    sort on CPU)."""
+    n = rows.shape[1]
+    if m <= n - m + 1:
+        return torch.topk(rows, m, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    return torch.topk(rows, n - m + 1, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
 
 
 def hard_mix(w_pt: Tensor, w_ft: Tensor, h_pt: Tensor, h_ft: Tensor, alpha: float, k: float,

@@ -507,3 +507,11 @@ def test_alpha_from_normalised_weighs_both_curvatures_equally_at_one():
         cgm.alpha_from_normalised(-1.0, curv_pt, curv_ft)
     with pytest.raises(ValueError, match="sums to zero"):
         cgm.alpha_from_normalised(1.0, {n: torch.zeros_like(h) for n, h in curv_pt.items()}, curv_ft)
+
+
+def test_kth_smallest_equals_kthvalue_for_every_m():
+    from cgm_min.cgm import kth_smallest
+    g = torch.Generator().manual_seed(0)
+    for rows in (torch.randn(7, 11, generator=g), torch.randint(0, 3, (5, 9), generator=g).float()):   # ties too
+        for m in range(1, rows.shape[1] + 1):
+            assert torch.equal(kth_smallest(rows, m), rows.kthvalue(m, dim=1, keepdim=True).values), m
