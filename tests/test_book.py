@@ -19,7 +19,8 @@ ARTIFACTS = pipeline.ROOT / "build" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Pages that must show rendered math and at least one figure.
 MATH_PAGES = ["derivation.html", "notebooks/01_toy_quadratics.html", "notebooks/02_hard_mixing.html",
-              "notebooks/03_curvature.html", "notebooks/04_miniature_world.html"]
+              "notebooks/03_curvature.html", "notebooks/04_miniature_world.html",
+              "notebooks/05_merging_experiment.html", "notebooks/06_paper_figures.html"]
 FIGURE_PAGES = MATH_PAGES[1:]
 
 
