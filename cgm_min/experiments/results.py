@@ -115,14 +115,6 @@ def heldout_table(df: pd.DataFrame, split: str = "heldout", control: str = "") -
     return df[(df["split"] == split) & (df["control"] == control)]
 
 
-def seed_summary(df: pd.DataFrame, metrics: Sequence[str] = ("pre_avg", "target_score", "hscore", "avg")) -> pd.DataFrame:
-    """Mean and standard deviation over fine-tuning seeds of the held-out scores, per setting and variant."""
-    keys = ["family", "size", "target", "steps", "lr", "n_layers", "curvature", "variant"]
-    g = heldout_table(df).groupby(keys, dropna=False, sort=False)[list(metrics)]
-    out = g.agg(["mean", "std", "count"])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Paired differences with a bootstrap over held-out samples and the spread over seeds.
 

@@ -3,7 +3,7 @@ merged model on the validation split, choose each method's hyperparameters there
 ones (and the two endpoints) on the held-out split. Output: the run's rows of the results table
 (`results.py`), written as RUN/sweep-<curvature>-<hash>.parquet.
 
-Grids are declared once, in GRIDS, as (variant, method, hyperparameters) points. For the curvature-guided
+Grids are declared once, in `grid()`, as (variant, method, hyperparameters) points. For the curvature-guided
 methods alpha is given normalised (`alpha_norm`: alpha = alpha_norm * sum(h_ft) / sum(h_pt), so that
 alpha_norm = 1 gives both curvatures the same total weight whatever their scales); the table keeps both.
 """
@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,7 +24,6 @@ import torch
 from .. import cgm
 from ..evaluate.fast import FastScorer
 from ..merge import MergeInputs, TargetData, get_method, merge_state
-from ..report import atomic_write
 from ..world import tasks as mt
 from ..world import training as tr
 from . import results as rs
@@ -83,18 +82,13 @@ def grid(size: str, methods: Sequence[str] | None = None) -> list[Point]:
          + points("cgm_dagger (global)", "cgm_dagger", {"per_row": False}, alpha_norm=a3, k=k)
          + points("score: h_ft delta^2", "score_ft_magnitude", k=k)
          + points("score: -h_pt delta^2", "score_pt_magnitude", {"alpha_norm": 1.0}, k=k))
-    known = {p.method for p in g}
     if methods is not None:
+        known = {p.method for p in g}
         unknown = sorted(set(methods) - known)
         if unknown:
             raise ValueError(f"no grid for methods {unknown}; gridded: {sorted(known)}")
         g = [p for p in g if p.method in set(methods) | {"pre_trained", "fine_tuned"}]
-    return [p for p in g if p.method in _registered()]
-
-
-def _registered() -> set:
-    from ..merge import METHODS
-    return set(METHODS)
+    return g
 
 
 CURVATURE_METHODS = ("cgm", "cgm_dagger", "score_ft_magnitude", "score_pt_magnitude")   # gridded, curvature-guided
@@ -109,7 +103,6 @@ class SweepConfig:
     negative_control_methods: tuple = ("random_revert", "dare")
     regime: str = "default"
     grafting_samples: int = 32      # target calibration samples for grafting's mask
-    extra: dict = field(default_factory=dict)
 
     def key(self, points_: Sequence[Point], kind: str) -> str:
         payload = {"config": asdict(self), "points": [asdict(p) for p in points_], "kind": kind,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import models as mm
 from . import tasks as mt
-from ..cgm import diag_fisher, total_curvature
+from ..cgm import diag_fisher
 from ..evaluate.decoding import evaluate, summary
 from ..report import atomic_write
 
