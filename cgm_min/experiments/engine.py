@@ -120,7 +120,8 @@ def run_jobs(jobs: Sequence[Job], cache: str | Path, cfg: SweepConfig | None = N
     estimators = {(j.spec.family, j.spec.size, j.spec.n_layers, runs.CURVATURE_KINDS[k][0]): j.spec
                   for j in jobs for k in j.kinds}
     phase1 = [(_finetune, (s, cache)) for s in specs if not (s.folder(cache) / "log.json").is_file()]
-    phase1 += [(_h_pt, (spec, est, cache)) for (_, _, _, est), spec in estimators.items()]
+    phase1 += [(_h_pt, (spec, est, cache)) for (_, _, _, est), spec in estimators.items()
+               if not runs.h_pt_path(spec, est, cache).is_file()]
     _run(phase1, workers, "fine-tuning and h_pt", progress)
     phase2 = []
     for j in jobs:

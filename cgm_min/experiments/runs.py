@@ -170,11 +170,15 @@ def _hutchinson(model, processor, tasks, n_per_task, names) -> tuple[dict[str, t
         "negative_share": sum(int((h < 0).sum()) for h in est.values()) / sum(h.numel() for h in est.values())}
 
 
+def h_pt_path(spec: RunSpec, estimator: str, cache: Path) -> Path:
+    depth = "half" if spec.n_layers is None else f"L{spec.n_layers}"
+    return base_folder(cache, spec.family, spec.size) / f"h_pt-{estimator}-{depth}-v{STEP_VERSION['curvature']}.safetensors"
+
+
 def h_pt(spec: RunSpec, estimator: str, cache: Path) -> dict[str, torch.Tensor]:
     """h_pt of the run's base on the general calibration samples (cached beside the base, per merge set);
     it does not depend on the fine-tuning, so every run of a base shares it."""
-    depth = "half" if spec.n_layers is None else f"L{spec.n_layers}"
-    path = base_folder(cache, spec.family, spec.size) / f"h_pt-{estimator}-{depth}-v{STEP_VERSION['curvature']}.safetensors"
+    path = h_pt_path(spec, estimator, cache)
     if path.is_file():
         return tr.load_curvature(path)[0]
     torch.set_num_threads(1)
