@@ -220,14 +220,15 @@ def test_output_inside_an_input(pristine, tmp_path, capsys):
 def test_full_disk_while_writing(pristine, tmp_path, capsys, monkeypatch):
     """The disk fills up in the middle of the weights: ENOSPC from the writer."""
     paths = fresh(pristine, tmp_path)
-    real, calls = writer.write_all, []
+    real, calls = writer.pwrite_all, []
+    monkeypatch.setattr(writer, "STAGE_BYTES", writer.PAGE)    # a write every page
 
-    def filling(fd, data):
+    def filling(fd, data, offset):
         calls.append(len(data))
-        if len(calls) > 10:                       # the header and ten merged tensors made it
+        if len(calls) > 10:                       # the header and the first pages of tensors made it
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data)
-    monkeypatch.setattr(writer, "write_all", filling)
+        return real(fd, data, offset)
+    monkeypatch.setattr(writer, "pwrite_all", filling)
     refused(tmp_path, capsys, write_config(tmp_path / "m.yaml", paths), "No space left on device")
     assert len(calls) > 10
 

@@ -148,6 +148,63 @@ def test_index_problems(tmp_path):
         Checkpoint(tmp_path / "nowhere")
 
 
+def test_direct_reads_equal_buffered_reads(tmp_path, monkeypatch):
+    """read_range around the page cache (O_DIRECT where the file system has it) returns the same bytes as a
+    pread, for ranges that start and end anywhere; the buffer's memory is page aligned."""
+    from cgm_min.io import reader
+    monkeypatch.setattr(reader, "MIN_DIRECT", 0)
+    monkeypatch.setattr(reader, "is_cached", lambda fd, offset, nbytes: False)
+    data = torch.randint(0, 256, (3 * reader.PAGE + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "f").write_bytes(data.numpy().tobytes())
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    dfd = reader.open_direct(tmp_path / "f")
+    buf = Buffer()
+    try:
+        for off, n in [(0, 10), (8, reader.PAGE), (reader.PAGE - 8, 16), (16, 3 * reader.PAGE + 107), (0, len(data)),
+                       (2 * reader.PAGE, reader.PAGE + 123)]:
+            head = reader.read_range(fd, dfd, buf, off, n)
+            assert buf.data.data_ptr() % reader.PAGE == 0
+            assert torch.equal(buf.data[head:head + n], data[off:off + n]), (off, n)
+    finally:
+        os.close(fd)
+        if dfd is not None:
+            os.close(dfd)
+
+
+def test_staged_writer_equals_safetensors_and_hashes_what_it_wrote(tmp_path, monkeypatch):
+    """Stages of one page, tensors of odd sizes, a copied tensor and a rewound one: the file is byte for byte
+    its header and the tensors' bytes (and safetensors reads it); the hash made while writing is the file's (None after a rewind)."""
+    import hashlib
+    from cgm_min.io import writer
+    monkeypatch.setattr(writer, "STAGE_BYTES", writer.PAGE)
+    ts = {"a": torch.randn(1000), "b": torch.randn(3001).bfloat16(), "c": torch.arange(7, dtype=torch.int64)}
+    save_file(ts, tmp_path / "ref.safetensors")
+    entries = [(n, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[t.dtype], tuple(t.shape))
+               for n, t in ts.items()]
+    ref = build_header(entries)[0] + b"".join(writer.tensor_bytes(t).tobytes() for t in ts.values())
+    src = SafetensorsFile(tmp_path / "ref.safetensors")
+    for rewind in (False, True):
+        fd = os.open(tmp_path / f"w{rewind}", os.O_CREAT | os.O_RDWR)
+        with ShardWriter(fd, entries) as w:
+            w.write_tensor("a", ts["a"])
+            w.begin("b")
+            w.write(writer.tensor_bytes(ts["b"])[:1001])
+            if rewind:
+                w.rewind()
+                w.write(writer.tensor_bytes(torch.zeros(3001).bfloat16()))
+                w.rewind()
+                w.write(writer.tensor_bytes(ts["b"])[:1001])
+            w.write(writer.tensor_bytes(ts["b"])[1001:])
+            w.end()
+            w.copy_tensor("c", src.fd, src.infos["c"].start)
+        os.close(fd)
+        assert (tmp_path / f"w{rewind}").read_bytes() == ref
+        with safe_open(str(tmp_path / f"w{rewind}"), framework="pt") as f:
+            assert all(torch.equal(f.get_tensor(n), t) for n, t in ts.items())
+        assert w.sha256() == (None if rewind else hashlib.sha256(ref).hexdigest())
+    src.close()
+
+
 def test_buffer_grows_and_is_reused():
     b = Buffer(100)
     ptr = b.data.data_ptr()

@@ -24,7 +24,7 @@ import torch
 
 from ..merge import merge_state
 from .chunked import _BITS, Scratch, linear_chunked, new_stats, soft_mix_chunked
-from .reader import DTYPES, Buffer, Checkpoint, TensorInfo, pread_into
+from .reader import DTYPES, Buffer, Checkpoint, TensorInfo
 from .writer import ShardWriter, tensor_bytes
 
 BLOCK = 1 << 22          # entries per streamed block: 16 MiB of float32
@@ -140,11 +140,7 @@ class ShardStreamer:
             if info is None or self.ck.get(role) is None:
                 continue
             size = DTYPES[info.dtype][1]
-            nbytes = job.n * size
-            bufs[role].reserve(nbytes)
-            pread_into(self.ck[role].fd(info.name), bufs[role].view[:nbytes], info.start + job.start * size,
-                       f"{role}: {info.file}")
-            views[role] = bufs[role].tensor(nbytes, info.torch_dtype, (job.n,))
+            views[role] = self.ck[role].read_into(info.name, bufs[role], job.start, job.n)
             if not job.last:                        # the block after the next one, from a cold disk meanwhile
                 self.ck[role].prefetch(info.name, (job.start + 2 * job.n) * size, job.n * size)
         return views
