@@ -374,3 +374,8 @@ def test_console_script_error_contract(families, tmp_path):
     bad = subprocess.run([str(exe), str(cfg), str(tmp_path / "out")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     assert "Traceback" not in bad.stderr and "k must be in [0, 1]" in bad.stderr and not (tmp_path / "out").exists()
+    # success: the script ends without the interpreter's teardown, its piped output flushed, OUT_DIR complete
+    cfg = write_config(tmp_path / "ok.yaml", paths, "linear", {"lam": 0.5}, PRESET["qwen"])
+    good = subprocess.run([str(exe), str(cfg), str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.startswith("merged ") and "verified" in good.stdout, good.stderr
+    assert json.loads((tmp_path / "out" / "cgm_merge.json").read_text())["tool"] == "cgm-merge"

@@ -12,6 +12,7 @@ own checkpoints"). Bad input ends in one line "error: ..." and exit status 2, wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -101,7 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> int:
-    return run(main)
+    """The console script. It ends the process without the interpreter's teardown (os._exit, after flushing
+    stdout and stderr): once transformers is imported for the verification, tearing down its modules took
+    0.9 s on the project's 2-vCPU machine class (an eighth of a warm 1 B-parameter merge) and frees nothing
+    that the end of the process does not free. By then every output file is written, renamed and closed, and
+    every thread has finished; an unexpected exception still ends the ordinary way, with its traceback."""
+    code = run(main)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
