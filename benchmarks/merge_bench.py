@@ -15,7 +15,8 @@ min-max reported):
     untimed first run, and CGM hashing every input again (warm only); `mergekit-yaml -j 1` linear (mergekit 0.1.5,
     installed into DIR/mergekit-venv with torch pinned by a constraints file when missing; --no-mergekit
     skips it). Warm: the inputs are read into the page cache just before each run. Cold: `sync; echo 3 >
-    /proc/sys/vm/drop_caches` before each run (root only; skipped otherwise, and said so).
+    /proc/sys/vm/drop_caches` and a 10 s wait (SETTLE_S: see drop_caches) before each run (root only; skipped
+    otherwise, and said so).
   * peak anonymous and file-backed memory of each process (RssAnon / RssFile, sampled every 5 ms from
     /proc/PID/status): mmapped or cached file pages are reclaimable and are reported apart.
   * CGM-dagger's per-row selection: cgm.select_lowest (partial selection, O(n)) against a per-row stable sort, on
@@ -180,14 +181,24 @@ def warm_up(paths: list[Path]) -> None:
                         pass
 
 
-def drop_caches() -> bool:
+SETTLE_S = 10.0
+
+
+def drop_caches(settle: float = SETTLE_S) -> bool:
+    """sync, drop the page cache, then wait `settle` seconds. The wait makes every cold run equally cold: in a
+    VM with free page reporting (virtio-balloon, as on the project's machine class) the memory the drop frees
+    goes back to the host within a few seconds, and refilling it costs system time. A run that starts at
+    once still finds that memory backed: reading 4 GB cold with cat took 1.2 s right after the drop and
+    4.7-6.9 s three to twenty seconds after it, and one cold cgm-merge run of the first benchmark took
+    13.1 s against 26.7 s for the others."""
     try:
         subprocess.run(["sync"], check=True)
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
     except OSError:
         return False
+    time.sleep(settle)
+    return True
 
 
 def run_tools(tools: dict[str, tuple[list[str], dict]], inputs: dict[str, list[Path]], outs: dict[str, Path],
@@ -303,7 +314,7 @@ def main() -> int:
     sizes = {k: dir_bytes(p) for k, p in paths.items()}
     print(f"inputs: {', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in sizes.items())}", flush=True)
     results = {"warm": run_tools({**tools, **no_cache}, inputs, outs, a.repeats, cold=False)}
-    can_drop = not a.no_cold and drop_caches()
+    can_drop = not a.no_cold and drop_caches(0)
     if can_drop:
         results["cold"] = run_tools(tools, inputs, outs, a.repeats, cold=True)
     same, total = bit_identity(outs["cgm-merge cgm"], paths, 1.0)
