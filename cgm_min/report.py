@@ -1,7 +1,8 @@
 """Small helpers every notebook uses: presets, metrics.json, figures in one style.
 
 A notebook's `parameters` cell sets PRESET, SEED and OUT_DIR; it then calls `choose_preset` with its own
-table of presets, writes its numbers with `write_metrics` and its figures with `save_figure`.
+table of presets, writes its numbers with `write_metrics` and its figures with `save_figure` (PNG for the
+page, SVG and PDF for slides, named fig-<chapter>-<what>).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,10 +106,47 @@ def set_style() -> None:
                                 "figure.autolayout": True, "legend.frameon": True})
 
 
-def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
-    """Save a matplotlib figure as OUT_DIR/<name>.png (atomically)."""
-    path = Path(out_dir) / f"{name}.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+# Figure names: fig-<chapter>-<what>, chapter one of these (the lab notebook is "lab").
+FIGURE_CHAPTERS = ("toy", "hard", "curv", "mini", "merge", "paper", "lab")
+FIGURE_NAME = re.compile(r"fig-(%s)-[a-z0-9]+(-[a-z0-9]+)*" % "|".join(FIGURE_CHAPTERS))
+SLIDE_FORMATS = ("svg", "pdf")
+
+
+def check_figure_name(name: str) -> str:
+    """`name` if it follows the book's scheme fig-<chapter>-<what> (lower case, words joined by '-'), else a
+    ValueError that says what is wrong."""
+    if not FIGURE_NAME.fullmatch(name):
+        raise ValueError(f"figure name {name!r} does not follow fig-<chapter>-<what> with chapter in "
+                         f"{list(FIGURE_CHAPTERS)} and <what> lower-case words joined by '-'")
+    return name
+
+
+def save_figure(fig, out_dir: str | os.PathLike, name: str, *, slides: tuple[str, ...] = SLIDE_FORMATS) -> Path:
+    """Save a matplotlib figure as OUT_DIR/<name>.png for the page and, for slides, as vector files
+    OUT_DIR/<name>.svg and OUT_DIR/<name>.pdf (`slides=()` writes the PNG alone). Returns the PNG's path.
+
+    `name` follows fig-<chapter>-<what> (see `check_figure_name`; a name starting with "fig-" that breaks
+    the scheme is refused); the build collects every chapter's vector files into one slide folder. An older
+    name without the "fig-" prefix is still saved, with a warning, and is left out of the slide folder.
+    Each file is written atomically, and the vector files carry no date, so a rerun with the same numbers
+    writes the same bytes.
+    """
+    if name.startswith("fig-"):
+        check_figure_name(name)
+    else:
+        import warnings
+        warnings.warn(f"figure name {name!r} does not follow fig-<chapter>-<what>", stacklevel=2)
+    unknown = sorted(set(slides) - set(SLIDE_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown slide formats {unknown}; choose from {list(SLIDE_FORMATS)}")
+    import matplotlib
+    out_dir = Path(out_dir)
+    path = atomic_write(out_dir / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    no_date = {"svg": {"Date": None}, "pdf": {"CreationDate": None, "ModDate": None}}
+    with matplotlib.rc_context({"svg.hashsalt": name, "svg.fonttype": "path", "pdf.fonttype": 42}):
+        for fmt in slides:
+            atomic_write(out_dir / f"{name}.{fmt}", lambda tmp, fmt=fmt: fig.savefig(
+                tmp, format=fmt, bbox_inches="tight", metadata=no_date[fmt]))
     return path
 
 
