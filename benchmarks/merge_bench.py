@@ -283,6 +283,7 @@ def main() -> int:
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit (no install, no comparison)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     a = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
     work = Path(a.dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     paths = generate(work, a.scale)
@@ -324,7 +325,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------------------------------
     lines = [f"## cgm-merge benchmark ({a.scale}), {datetime.date.today().isoformat()}",
-             "", f"machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}",
+             "", f"machine: {machine()}; 1-minute load at the start {load_at_start:.2f}, at the end {os.getloadavg()[0]:.2f}",
              f"versions: torch {torch.__version__}, cgm_min {__import__('cgm_min').__version__}"
              + (f", mergekit {mk_version}" if mk_version else ""),
              f"inputs: pair {sizes['pt'] / 1e9:.2f} + {sizes['ft'] / 1e9:.2f} GB bf16, curvature "
