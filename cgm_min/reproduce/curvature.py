@@ -1,0 +1,82 @@
+"""h_pt at w_pt on the calibration set, over as many processes as `accelerate launch` starts.
+
+    h, meta = measure_h_pt(recipe, model_path, records)       # every process returns the same h
+
+The calibration records are cut into micro batches in a fixed order; process r of W takes batches r, r + W,
+... and sums over its samples (the empirical Fisher: `cgm.diag_fisher`'s squared per-sample gradients; or
+Hutchinson's v * Hv, `cgm.hutchinson_diag_hessian`, whose probes are seeded by the batch's index, not by the
+process, so the estimate does not depend on how many processes share the work). The per-process sums and
+sample counts are all-reduced (accelerate.utils.reduce: NCCL on GPUs, gloo on CPUs) and divided once: the
+result equals the single-process one up to the order of float32 additions (tests/test_reproduce_curvature.py
+checks two gloo processes against one).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import cgm
+
+
+def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """({in-memory name: h_pt} of the recipe's merge set, metadata). Collective: call it on every process."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+    from ..io.layouts import canonical_names
+    from ..world import models as mm
+
+    state = PartialState()
+    cv = recipe.curvature
+    cfg = mm.read_config(model_path)
+    cuda = state.device.type == "cuda"
+    stored = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
+    model, processor = mm.load_family(model_path, dtype=stored if cuda else torch.float32)
+    model.to(state.device)
+    names = recipe.merge_set.resolve(cfg.get("model_type"),
+                                     list(canonical_names(cfg.get("model_type"), [n for n, _ in model.named_parameters()])))
+    enc = mm.Encoder(processor)
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=state.device) for n in names}
+    count = torch.zeros((), dtype=torch.float32, device=state.device)
+    chunks = [records[i:i + cv.micro_batch] for i in range(0, len(records), cv.micro_batch)]
+    for j in range(state.process_index, len(chunks), state.num_processes):
+        batch = enc.batch(chunks[j]).to(state.device)
+        if cv.estimator == "fisher":
+            est = cgm.diag_fisher(model, [batch], names, progress=False)
+        else:
+            est = cgm.hutchinson_diag_hessian(model, [batch], cv.probes, names, seed=cv.seed * 1_000_003 + j,
+                                              progress=False)
+        for n in names:
+            sums[n] += est[n] * len(chunks[j])
+        count += len(chunks[j])
+    if state.num_processes > 1:
+        count = reduce(count, "sum")
+        sums = {n: reduce(s, "sum") for n, s in sums.items()}
+    if count.item() == 0:
+        raise ValueError("no calibration samples")
+    h = {n: (s / count).cpu() for n, s in sums.items()}
+    tasks = sorted({r.task for r in records if getattr(r, "task", None)})
+    meta = {"kind": "h_pt", "estimator": "empirical_fisher" if cv.estimator == "fisher" else "hutchinson",
+            "samples": int(count.item()), "n_per_task": cv.n_per_task, "tasks": tasks,
+            "processes": state.num_processes, **({"probes": cv.probes} if cv.estimator == "hutchinson" else {})}
+    return h, meta
+
+
+def calibration_records(records: Sequence, n_per_task: int, tasks: Sequence[str]) -> list:
+    """The first `n_per_task` records of each of `tasks` (the recipe's general suite) in the calibration set;
+    one-line error when a task has too few."""
+    by_task: dict[str, list] = {}
+    for r in records:
+        by_task.setdefault(r.task or "", []).append(r)
+    short = [f"{t} ({len(by_task.get(t, []))})" for t in tasks if len(by_task.get(t, [])) < n_per_task]
+    if short:
+        raise ValueError(f"the calibration set has fewer than {n_per_task} samples of {', '.join(short)}; "
+                         f"prepare it with these tasks (data_scripts)")
+    return [r for t in tasks for r in by_task[t][:n_per_task]]
+
+
+def write_h_pt(h, meta, model_path, out_dir: Path) -> Path:
+    from ..io.curvature_files import write_curvature
+    return write_curvature(h, model_path, out_dir, meta)
