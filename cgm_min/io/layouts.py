@@ -9,10 +9,15 @@ saves) write the *in-memory* names that `model.named_parameters()` returns:
     family      original (on disk)                         in-memory (canonical here)
     LLaVA       language_model.model.layers.N.*            model.language_model.layers.N.*
                 language_model.lm_head.weight              lm_head.weight
-                vision_tower.*, multi_modal_projector.*    model.vision_tower.*, model.multi_modal_projector.*
+                vision_tower.vision_model.* (hub),         model.vision_tower.*
+                vision_tower.* (saved from a config)
+                multi_modal_projector.*                    model.multi_modal_projector.*
     Qwen2.5-VL  model.layers.N.*, model.embed_tokens.*     model.language_model.layers.N.*, ...
                 visual.*                                   model.visual.*
 
+transformers 5 also drops the CLIP tower's `vision_model.` level when it loads LLaVA (the hub and 4.x
+in-memory names `model.vision_tower.vision_model.*` carry it); every form maps to the same canonical name
+(checked against transformers' own reverse conversion on the real LLaVA-1.5-7B, tests/test_real_arch.py).
 Every name is mapped to its in-memory (canonical) form before two checkpoints or a curvature file are
 matched, so a pre-trained model, a fine-tuned model and curvature files may each come in either layout;
 the output keeps the fine-tuned model's own names. Other model types (a plain Llama, say) keep their names.
@@ -46,6 +51,7 @@ PROJECTOR_PREFIX = {"llava": "model.multi_modal_projector.", "qwen2_5_vl": "mode
 _RENAMES: dict[str, list[tuple[re.Pattern, str]]] = {
     "llava": [(re.compile(r"^language_model\.model\."), "model.language_model."),
               (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+              (re.compile(r"^(?:model\.)?vision_tower\.vision_model\."), "model.vision_tower."),
               (re.compile(r"^vision_tower\."), "model.vision_tower."),
               (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector.")],
     "qwen2_5_vl": [(re.compile(r"^visual\."), "model.visual."),
