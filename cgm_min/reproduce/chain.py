@@ -39,6 +39,14 @@ DONE = "done.json"
 REGIME = "reproduce"          # the results table's regime column for chain runs
 
 
+def process_state():
+    """accelerate's PartialState: the processes `accelerate launch` (or torchrun) started; on a machine without
+    a GPU, CPU processes joined by gloo (accelerate needs `cpu=True` to see them)."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def recipe_sha256(recipe) -> str:
     return hashlib.sha256(recipe.text.encode()).hexdigest()
 
@@ -129,13 +137,12 @@ def step_finetune(recipe, out: Path, tmp: Path) -> dict:
 
 
 def step_curvature(recipe, out: Path, tmp: Path) -> dict:
-    from accelerate import PartialState
     from .curvature import calibration_records, measure_h_pt, write_h_pt
     from .data import read_split
     records = calibration_records(read_split(data_dir(recipe, out), "calibration", "calibration"),
                                   recipe.curvature.n_per_task, [t.task for t in recipe.evaluate.general])
     h, meta = measure_h_pt(recipe, model_path(recipe), records)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         write_h_pt(h, meta, model_path(recipe), tmp / "h_pt")
     state.wait_for_everyone()
@@ -197,8 +204,7 @@ STEP_FUNCS: dict[str, Callable] = {"data": step_data, "finetune": step_finetune,
 
 def run_step(recipe, out: Path, step: str, log=print) -> bool:
     """Run one step unless it is done; returns whether it ran. Collective steps run on every process."""
-    from accelerate import PartialState
-    state = PartialState()
+    state = process_state()
     out = Path(out)
     if is_done(out, step, recipe):
         if state.is_main_process:

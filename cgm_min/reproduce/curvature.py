@@ -22,12 +22,12 @@ from .. import cgm
 
 def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """({in-memory name: h_pt} of the recipe's merge set, metadata). Collective: call it on every process."""
-    from accelerate import PartialState
     from accelerate.utils import reduce
+    from .chain import process_state
     from ..io.layouts import canonical_names
     from ..world import models as mm
 
-    state = PartialState()
+    state = process_state()
     cv = recipe.curvature
     cfg = mm.read_config(model_path)
     cuda = state.device.type == "cuda"

@@ -226,8 +226,8 @@ def train(recipe, model, processor, records: Sequence, out_dir: Path, h_ft: bool
           progress: bool = False):
     """Run Trainer on `records`. Returns (trainer, step timer)."""
     from ..world import models as mm
-    from accelerate import PartialState
-    n_proc = PartialState().num_processes
+    from .chain import process_state
+    n_proc = process_state().num_processes
     args = training_arguments(recipe, out_dir, n_proc, max_steps, disable_tqdm=not progress)
     timer = StepTimer()
     trainer = _trainer_class()(model=model, args=args, train_dataset=Records(records),
