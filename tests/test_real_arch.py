@@ -209,3 +209,37 @@ def test_merge_plan_refuses_curvature_that_misses_the_merge_set(tmp_path):
                 "parameters": {"alpha": 0.5}, "merge_set": {"preset": "qwen2.5-vl"},
                 "curvature": {"pre_trained": str(paths["h_pt"]), "fine_tuned": str(paths["h_ft"])}}
         plan_merge(parse_config(data, tmp_path)).close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("layout", ra.LAYOUTS)
+def test_fabricated_checkpoints_load_in_transformers(name, layout, tmp_path):
+    """transformers itself loads the header-only checkpoints (names, shapes, dtypes; the check every merge
+    runs on its output) with no missing, unexpected or mismatched key: the names the real hub files hold
+    (layout "original") and those save_pretrained(save_original_format=False) writes are both right."""
+    from cgm_min.io.merge_checkpoints import transformers_load_check
+    folder = rp.fabricate(name, tmp_path, {"pre_trained": layout}, curvature=False)["pre_trained"]
+    r = transformers_load_check(folder)
+    assert r["checked"] and r["missing_keys"] == r["unexpected_keys"] == r["mismatched_keys"] == []
+    # negative control: one tensor under a wrong name is reported
+    specs = ra.tensor_specs(name, layout)
+    last = list(specs)[-1]
+    bad = {(n + "_x" if n == last else n): v for n, v in specs.items()}
+    rp.write_headers(tmp_path / "bad", {"model.safetensors": [(n, c, s) for n, (c, s) in bad.items()]},
+                     sharded=False)
+    (tmp_path / "bad" / "config.json").write_text(ra.config_text(name))
+    r = transformers_load_check(tmp_path / "bad")
+    assert r["missing_keys"] and r["unexpected_keys"]
+
+
+def test_cli_prints_counts_and_plan(capsys):
+    from cgm_min.cli import run
+    from cgm_min.real.__main__ import main
+    assert run(main, ["qwen2.5-vl-3b", "--method", "linear", "--param", "lam=0.5"]) == 0
+    out = capsys.readouterr().out
+    c = ra.parameter_counts("qwen2.5-vl-3b")
+    assert f"{c['total']:,} parameters" in out and f"{c['merge_set']:,} parameters in 77 tensors" in out
+    assert "lam = 0.5" in out and "<header-only files>/fine_tuned" in out
+    assert run(main, ["llava-13b"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown real model 'llava-13b'; choose one of "
+                                              "llava-1.5-7b, qwen2.5-vl-3b")

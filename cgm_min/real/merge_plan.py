@@ -138,8 +138,7 @@ def real_merge_plan(name: str, root: str | os.PathLike, method: str = "cgm", par
     from ..io.merge_checkpoints import parse_config, plan_merge
     m = get_real(name)
     paths = fabricate(name, root, layouts, curvature=True, last_layers=last_layers)
-    params = dict(parameters) if parameters is not None else (
-        {"alpha_normalised": 1.0} if method in ("cgm",) else {})
+    params = dict(parameters) if parameters is not None else ({"alpha_normalised": 1.0} if method == "cgm" else {})
     merge_set = {"preset": m.preset, **({"last_layers": last_layers} if last_layers is not None else {})}
     data = {"pre_trained": str(paths["pre_trained"]), "fine_tuned": str(paths["fine_tuned"]), "method": method,
             "parameters": params, "merge_set": merge_set,
