@@ -167,7 +167,7 @@ def calibration_source(root: Path, n: int = 12) -> Path:
       [("question_id", s), ("image", img), ("question", s), ("answers", ls), ("category", s)],
       lambda i: {"question_id": f"VizWiz_val_{i:08d}.jpg", "image": cell(jpeg(i)), "question": f"What is this {i}?",
                  "answers": ["unanswerable", "soup", "soup"], "category": "other"})
-    w("scienceqa_img", "test-00000-of-00001.parquet",
+    w("scienceqa_img", "test-00000-of-00001-4bca3d3d8e8b8e2c.parquet",        # an older upload's name
       [("image", img), ("question", s), ("choices", ls), ("answer", pa.int8()), ("hint", s), ("task", s),
        ("grade", s), ("subject", s), ("topic", s), ("category", s), ("skill", s), ("lecture", s), ("solution", s)],
       lambda i: {"image": cell(png(i)), "question": f"Which is a mammal {i}?", "choices": ["frog", "whale", "shark"],
@@ -400,3 +400,11 @@ def test_export_miniature(tmp_path):
 def test_build_mini_data_still_loads():
     from cgm_min.pipeline import load_data_script
     assert callable(load_data_script("build_mini_data").build)
+
+
+def test_parquet_split_names():
+    for name, split in (("test-00003-of-00009.parquet", "test"), ("val2014-00000-of-00002.parquet", "val2014"),
+                        ("test-00000-of-00001-4bca3d3d8e8b8e2c.parquet", "test"), ("validation.parquet", "validation")):
+        assert src.parquet_split(Path(name)) == split
+    with pytest.raises(ValueError, match="cannot tell its split"):
+        src.parquet_split(Path("part-0.parquet"))

@@ -41,7 +41,8 @@ FLICKR_PROMPT = "Provide a one-sentence caption for the provided image."        
 # LaTeX-OCR has no lmms-eval task; the instruction of Unsloth's vision fine-tuning notebook on this data set.
 LATEX_PROMPT = "Write the LaTeX representation for this image."
 
-PARQUET_SPLIT = re.compile(r"^([A-Za-z0-9_]+?)[-_]\d{5}[-_]of[-_]\d{5}\.parquet$|^([A-Za-z0-9_]+)\.parquet$")
+# <split>-00000-of-00001.parquet; older `datasets` uploads add a content hash: <split>-00000-of-00001-<hex>.parquet
+PARQUET_SPLIT = re.compile(r"^([A-Za-z0-9_]+?)[-_]\d{5}[-_]of[-_]\d{5}(?:-[0-9a-f]{8,})?\.parquet$|^([A-Za-z0-9_]+)\.parquet$")
 
 
 def _fail(msg: str):
