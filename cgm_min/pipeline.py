@@ -1,15 +1,18 @@
 """Execute the notebooks with papermill and build the book from the executed copies.
 
     python -m cgm_min.pipeline notebooks --preset cpu [--only 01_toy_quadratics] [--out build]
-    python -m cgm_min.pipeline book [--out build]
+    python -m cgm_min.pipeline book [--out build] [--no-pdf]
     python -m cgm_min.pipeline all --preset cpu [--out build]
 
 Layout under --out (default `build/`):
     executed/<name>.ipynb         the executed notebook (what the book shows)
-    results/<name>/metrics.json   its numbers, and its figures as PNG
+    results/<name>/metrics.json   its numbers, and its figures: fig-<chapter>-<what>.png for the page,
+                                  .svg and .pdf for slides
     cache/                        fine-tuned runs, curvature and merge sweeps, keyed by their settings
                                   (shared by the notebooks; a warm cache skips training)
-    html/                         the built book (open html/index.html)
+    slides/                       every chapter's vector figures in one folder, and all of them zipped
+    html/                         the built book (open html/index.html), with the whole book as one PDF
+                                  (html/cgm-book.pdf, printed by headless Chromium)
 
 Every file is written to a temporary name first and renamed when complete, so an interrupted run never
 leaves a half-written notebook or book behind; a rerun replaces the previous outputs.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,16 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.md"))
 
 
+def _kernel_environment() -> None:
+    """The kernel "python3" must be this interpreter's, not one a user registered elsewhere; and a
+    non-interactive MPLBACKEND (e.g. Agg) would stop the kernel from putting figures in the notebook."""
+    os.environ.pop("MPLBACKEND", None)
+    prefix = str(Path(sys.prefix) / "share" / "jupyter")
+    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if prefix not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([prefix] + [p for p in paths if p])
+
+
 def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: int = 3600, workers: int = 2
                      ) -> Path:
     """Run notebooks/<name>.md with papermill at `preset`; returns the executed notebook's path.
@@ -68,11 +82,7 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
     (out / "executed").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
     target = out / "executed" / f"{name}.ipynb"
-    # The kernel "python3" must be this interpreter's, not one a user registered elsewhere; and a
-    # non-interactive MPLBACKEND (e.g. Agg) would stop the kernel from putting figures in the notebook.
-    os.environ.pop("MPLBACKEND", None)
-    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(Path(sys.prefix) / "share" / "jupyter"),
-                                                  os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep)
+    _kernel_environment()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         plain = Path(tmp) / f"{name}.ipynb"
         jupytext.write(jupytext.read(src), plain)
@@ -84,20 +94,104 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
             str(plain), str(done), kernel_name="python3", cwd=str(out), execution_timeout=timeout,
             parameters={k: v for k, v in offered.items() if k in declared}, progress_bar=False,
         )
-        strip_stderr(done)
+        clean_executed(done, out)
         os.replace(done, target)
     return target
 
 
-def strip_stderr(executed: Path) -> None:
-    """Remove every stderr stream (progress bars, library warnings) from an executed notebook, in place: the
-    book and the notebooks it serves show results, not progress. Errors are kept (they are not streams)."""
+# What a terminal would hide: ANSI colour codes, and everything before a carriage return on its line.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var/folders)/[^\s'\"<>)\]]*")
+
+
+def _last_frame(text: str) -> str:
+    """A progress bar redraws its line after '\\r': keep what a terminal would show last on each line."""
+    text = _ANSI.sub("", text)
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n"))
+
+
+def _without_prefixes(text: str, prefixes: list[str]) -> str:
+    """`text` with the absolute folders in `prefixes` made relative (run folder, repository, interpreter)."""
+    for prefix in prefixes:
+        text = text.replace(prefix.rstrip("/") + "/", "")
+    return text
+
+
+def _merge_parameters(nb) -> None:
+    """Show the parameters once: the source's `parameters` cell (its comments and tags) with the values
+    papermill injected, and no separate injected cell. A line `NAME = ...` of a parameter that was passed
+    gets the passed value (an inline comment after two spaces is kept)."""
+    cells = nb.cells
+    orig = next((c for c in cells if "parameters" in c.metadata.get("tags", [])), None)
+    injected = next((c for c in cells if "injected-parameters" in c.metadata.get("tags", [])), None)
+    if injected is None:
+        return
+    if orig is None:      # nothing to merge with: keep the injected cell, tagged as the parameters
+        injected.metadata["tags"] = ["parameters" if t == "injected-parameters" else t
+                                     for t in injected.metadata["tags"]]
+        return
+    from papermill.translators import PythonTranslator
+    values = dict(nb.metadata.get("papermill", {}).get("parameters", {}))
+    lines = []
+    for line in orig.source.splitlines():
+        m = re.match(r"([A-Za-z_]\w*)\s*=", line)
+        if m and m.group(1) in values:
+            name = m.group(1)
+            comment = line[line.index("  #"):] if "  #" in line else ""
+            line = f"{name} = {PythonTranslator.translate(values.pop(name))}{comment}"
+        lines.append(line)
+    lines += [f"{name} = {PythonTranslator.translate(v)}" for name, v in values.items()]
+    orig.source = "\n".join(lines)
+    cells.remove(injected)
+
+
+def clean_executed(executed: Path, run_dir: Path | None = None) -> None:
+    """Make an executed notebook fit to show and to download, in place (written atomically):
+
+    - the parameters shown once (`_merge_parameters`);
+    - no stderr streams (progress bars, library warnings); errors are kept (they are not streams);
+    - stdout as a terminal would show it last (no carriage-return redraws, no ANSI codes);
+    - no machine paths: the run folder, the repository and the interpreter's prefix become relative, and
+      papermill's input/output paths and per-cell timings are dropped from the metadata.
+    """
     import nbformat
     nb = nbformat.read(executed, as_version=4)
+    _merge_parameters(nb)
+    folders = {str(Path(p).resolve()) for p in (run_dir or executed.parent, ROOT, sys.prefix)}
+    prefixes = sorted(folders, key=len, reverse=True)      # the longest first: /a/b/run before /a/b
     for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.get("outputs", []) if not (o.output_type == "stream" and o.name == "stderr")]
-    nbformat.write(nb, executed)
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream":
+                if o.name == "stderr":
+                    continue
+                o.text = _without_prefixes(_last_frame(o.text), prefixes)
+                if not o.text.strip():
+                    continue
+            elif o.output_type in ("execute_result", "display_data"):
+                for mime, value in o.get("data", {}).items():
+                    if mime.startswith("text/") or mime in ("application/json",):
+                        if isinstance(value, str):
+                            o.data[mime] = _without_prefixes(value, prefixes)
+            elif o.output_type == "error":
+                o.traceback = [_without_prefixes(t, prefixes) for t in o.traceback]
+            outputs.append(o)
+        cell.outputs = outputs
+    pm = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path", "environment_variables"):
+        pm.pop(key, None)
+    from .report import atomic_write
+    atomic_write(executed, lambda tmp: nbformat.write(nb, tmp))
+
+
+def machine_paths(text: str) -> list[str]:
+    """Absolute paths of a build machine found in `text` (/work, /tmp, /root, /home, ...): none may reach
+    the book or the notebooks it serves."""
+    return _MACHINE_PATH.findall(text)
 
 
 def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2) -> list[Path]:
@@ -121,11 +215,167 @@ def figures_without_image(executed_notebook: Path) -> list[str]:
             and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
 
 
-def build_book(out: Path) -> Path:
+# The course lab: one source, the solution (notebooks/lab/lab_cgm_solution.md, never shown in the book);
+# the students' notebook is made from it by replacing each solution block with a blank.
+LAB_DIR = NOTEBOOK_DIR / "lab"
+LAB_SOLUTION = LAB_DIR / "lab_cgm_solution.md"
+LAB_NAME = "lab_cgm"
+_SOLUTION_CODE = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTION[ \t]*(?:\n|\Z)", re.S | re.M)
+_SOLUTION_TEXT = re.compile(r"<!-- BEGIN SOLUTION -->.*?<!-- END SOLUTION -->", re.S)
+
+
+def student_lab(solution: Path = LAB_SOLUTION):
+    """The students' notebook (an nbformat notebook, not executed) made from the solution: in code cells a
+    block between `# BEGIN SOLUTION` and `# END SOLUTION` becomes `# YOUR CODE HERE` and
+    `raise NotImplementedError` at the block's indentation; in Markdown cells a block between
+    `<!-- BEGIN SOLUTION -->` and `<!-- END SOLUTION -->` becomes a prompt for the answer."""
+    import jupytext
+    nb = jupytext.read(solution)
+    blanks = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.source, n = _SOLUTION_CODE.subn(
+                lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError\n", cell.source)
+        else:
+            cell.source, n = _SOLUTION_TEXT.subn("*Your answer here.*", cell.source)
+        blanks += n
+        if "BEGIN SOLUTION" in cell.source or "END SOLUTION" in cell.source:
+            raise ValueError(f"{Path(solution).name}: an unmatched BEGIN/END SOLUTION marker in a "
+                             f"{cell.cell_type} cell")
+    if blanks == 0:
+        raise ValueError(f"{Path(solution).name}: no `# BEGIN SOLUTION` blocks, the lab would have no blanks")
+    nb.metadata.pop("jupytext", None)
+    return nb
+
+
+def execute_lab(out: Path, preset: str = "tiny", seed: int = 0, timeout: int = 600) -> Path:
+    """Run the lab's solution with papermill (the kernel in `out`, figures in out/results/lab_cgm); returns
+    out/lab/lab_cgm_solution.ipynb. Any failing check stops the run with papermill's error."""
+    import jupytext
+    import papermill
+    out = Path(out).resolve()
+    (out / "lab").mkdir(parents=True, exist_ok=True)
+    target = out / "lab" / f"{LAB_SOLUTION.stem}.ipynb"
+    _kernel_environment()
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        plain = Path(tmp) / f"{LAB_SOLUTION.stem}.ipynb"
+        jupytext.write(jupytext.read(LAB_SOLUTION), plain)
+        done = Path(tmp) / "done.ipynb"
+        papermill.execute_notebook(str(plain), str(done), kernel_name="python3", cwd=str(out),
+                                   execution_timeout=timeout, progress_bar=False,
+                                   parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{LAB_NAME}"})
+        clean_executed(done, out)
+        os.replace(done, target)
+    return target
+
+
+def find_chromium() -> str | None:
+    """The headless Chromium that prints the PDF and runs the browser test: $CGM_CHROMIUM, else `chromium`
+    (Debian's package) or `chromium-browser` on the PATH."""
+    return os.environ.get("CGM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def collect_slides(out: Path) -> Path:
+    """Gather every chapter's vector figures (results/<notebook>/fig-*.svg and .pdf, written by
+    `report.save_figure`) into one flat folder out/slides/, with a zip of them all; returns the folder.
+
+    The folder is replaced as a whole (built next to it, then renamed). Two notebooks saving a figure of
+    the same name is an error: a slide set has one figure per name.
+    """
+    from .report import FIGURE_NAME, SLIDE_FORMATS
+    import zipfile
+    out = Path(out).resolve()
+    found: dict[str, Path] = {}
+    for path in sorted((out / "results").glob("*/fig-*")):
+        if path.suffix[1:] in SLIDE_FORMATS and FIGURE_NAME.fullmatch(path.stem):
+            if path.name in found:
+                raise ValueError(f"two notebooks saved {path.name}: {found[path.name].parent.name} and "
+                                 f"{path.parent.name}; figure names must be unique across the book")
+            found[path.name] = path
+    slides = out / "slides"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".slides."))
+    try:
+        for name, path in found.items():
+            shutil.copyfile(path, tmp / name)
+        with zipfile.ZipFile(tmp / SLIDES_ZIP, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name in found:                        # fixed dates: the same figures give the same zip
+                info = zipfile.ZipInfo(f"cgm-book-figures/{name}", date_time=(2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, (tmp / name).read_bytes())
+        old = out / ".slides.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if slides.exists():
+            slides.rename(old)
+        tmp.rename(slides)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return slides
+
+
+SLIDES_ZIP = "cgm-book-figures.zip"
+BOOK_PDF = "cgm-book.pdf"
+
+
+def _slides_page(slides: Path) -> str:
+    """The figure list the teaching page includes: one row per figure, its chapter and its vector files."""
+    from .report import FIGURE_NAME
+    names = sorted({p.stem for p in slides.iterdir() if FIGURE_NAME.fullmatch(p.stem)})
+    if not names:
+        return "No figures were saved in this build.\n"
+    chapter = {n: n.split("-")[1] for n in names}
+    rows = [f"| `{n}` | {chapter[n]} | " + " ".join(
+        f"{{download}}`{fmt.upper()} <slides/{n}.{fmt}>`" for fmt in ("svg", "pdf")
+        if (slides / f"{n}.{fmt}").is_file()) + " |" for n in names]
+    return (f"All {len(names)} figures in one file: {{download}}`{SLIDES_ZIP} <slides/{SLIDES_ZIP}>`.\n\n"
+            "| figure | chapter | vector files |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _run_jupyter_book(stage: Path, builder: str) -> None:
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "-W", "-n", "--keep-going",
+           "--builder", builder]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
+        raise RuntimeError(f"book build ({builder}) failed (exit {proc.returncode}); the previous book was "
+                           "left as it was")
+
+
+def print_pdf(html_file: Path, pdf: Path, chromium: str) -> Path:
+    """Print one HTML file (the single-page book) to `pdf` with headless Chromium, offline: every request
+    that is not a local file is refused. A4, backgrounds on, the PDF's outline from the headings."""
+    from playwright.sync_api import sync_playwright
+
+    from .report import atomic_write
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                       else route.abort())
+            page.goto(Path(html_file).resolve().as_uri(), wait_until="load")
+            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                                   timeout=60000)
+            page.evaluate("() => MathJax.startup.promise")
+            page.emulate_media(media="print")
+            margin = {"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"}
+            atomic_write(pdf, lambda tmp: page.pdf(path=tmp, format="A4", print_background=True, outline=True,
+                                                   tagged=True, margin=margin))
+        finally:
+            browser.close()
+    return pdf
+
+
+def build_book(out: Path, pdf: bool = True) -> Path:
     """Build the Jupyter Book (offline, warnings are errors) from book/ plus out/executed/*.ipynb.
 
-    The sources are staged in a temporary folder so the repository is never written to; the finished
-    HTML replaces out/html in one rename.
+    The executed notebooks are cleaned (`clean_executed`) as they are staged, the chapters' vector figures
+    are gathered into out/slides/ (`collect_slides`) and listed on the teaching page, and with `pdf` the
+    whole book is printed by headless Chromium from Jupyter Book's single-page build into
+    html/cgm-book.pdf, which the side bar of every page links. The sources are staged in a temporary
+    folder so the repository is never written to; the finished HTML replaces out/html in one rename.
     """
     out = Path(out).resolve()
     executed = out / "executed"
@@ -137,24 +387,41 @@ def build_book(out: Path) -> Path:
     if blank:
         raise RuntimeError(f"figure cells produced no image: {blank}; was the notebook run with a "
                            "non-interactive MPLBACKEND, or did the cell not call plt.show()?")
+    chromium = find_chromium() if pdf else None
+    if pdf and chromium is None:
+        raise RuntimeError("the whole-book PDF needs headless Chromium (Debian package `chromium`, or set "
+                           "CGM_CHROMIUM); install it or build without the PDF (--no-pdf)")
+    import nbformat
+    import yaml
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         stage = Path(tmp) / "book"
-        shutil.copytree(BOOK_DIR, stage, ignore=shutil.ignore_patterns("_build"))
+        shutil.copytree(BOOK_DIR, stage, ignore=shutil.ignore_patterns("_build", "__pycache__"))
         shutil.copytree(ROOT / "cgm_min", stage / "_code" / "cgm_min", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(executed, stage / "notebooks")
-        cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "-W", "-n", "--keep-going"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
-            raise RuntimeError(f"book build failed (exit {proc.returncode}); the previous book in {out / 'html'} "
-                               "was left as it was")
+        (stage / "lab").mkdir()
+        nbformat.write(student_lab(), stage / "lab" / f"{LAB_NAME}.ipynb")
+        for nb in sorted((stage / "notebooks").glob("*.ipynb")):
+            clean_executed(nb, out)
+        slides = collect_slides(out)
+        shutil.copytree(slides, stage / "slides")
+        (stage / "slides" / "figures.md").write_text(_slides_page(slides))
+        if not pdf:
+            config = yaml.safe_load((stage / "_config.yml").read_text())
+            config["sphinx"]["config"].get("html_context", {}).pop("book_pdf", None)
+            (stage / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _run_jupyter_book(stage, "html")
+        built = stage / "_build" / "html"
+        if pdf:
+            _run_jupyter_book(stage, "singlehtml")
+            root = yaml.safe_load((stage / "_toc.yml").read_text())["root"]
+            print_pdf(stage / "_build" / "singlehtml" / f"{root}.html", built / BOOK_PDF, chromium)
         html = out / "html"
         old = out / ".html.old"
         shutil.rmtree(old, ignore_errors=True)
         if html.exists():
             html.rename(old)
-        shutil.move(str(stage / "_build" / "html"), html)
+        shutil.move(str(built), html)
         shutil.rmtree(old, ignore_errors=True)
     return html
 
@@ -168,13 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="notebook names to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="single-thread processes side by side (default 2)")
+    ap.add_argument("--no-pdf", action="store_true", help="build the HTML book without the whole-book PDF "
+                    "(the PDF needs headless Chromium)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.what in ("notebooks", "all"):
         for p in execute_all(args.preset, out, args.only, args.seed, args.workers):
             print(f"executed {p.relative_to(out.resolve().parent) if p.is_relative_to(out.resolve().parent) else p}")
     if args.what in ("book", "all"):
-        html = build_book(out)
+        html = build_book(out, pdf=not args.no_pdf)
         print(f"book built: open {html / 'index.html'}")
     return 0
 

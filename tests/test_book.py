@@ -1,11 +1,13 @@
-"""The built book: offline build with -W, internal links resolve, and in headless Chromium the equations
-render (no raw TeX left), every figure loads and no page reaches for the network. Saves screenshots to
-build/test-artifacts/."""
+"""The built book: offline build with -W, internal links resolve, nothing of the build machine leaks into the
+pages or the notebooks they serve, and in headless Chromium at 1280 px every page renders its equations
+(no raw TeX left), loads every figure at no more than its natural size, logs no JavaScript error, reaches
+for no network, and has no code cell, output or equation wider than the page. A full-page screenshot of
+every page is saved in build/test-artifacts/ (or $CGM_ARTIFACTS)."""
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -15,18 +17,21 @@ from bs4 import BeautifulSoup
 from cgm_min import pipeline
 
 pytestmark = pytest.mark.slow
-ARTIFACTS = pipeline.ROOT / "build" / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("CGM_ARTIFACTS") or pipeline.ROOT / "build" / "test-artifacts")
+CHROMIUM = pipeline.find_chromium()
+WIDTH = 1280
+CHAPTERS = [f"notebooks/{n}.html" for n in pipeline.notebook_names()]
 # Pages that must show rendered math and at least one figure.
-MATH_PAGES = ["derivation.html", "notebooks/01_toy_quadratics.html", "notebooks/02_hard_mixing.html",
-              "notebooks/03_curvature.html", "notebooks/04_miniature_world.html",
-              "notebooks/05_merging_experiment.html", "notebooks/06_paper_figures.html"]
-FIGURE_PAGES = MATH_PAGES[1:]
+MATH_PAGES = ["derivation.html", *CHAPTERS]
+FIGURE_PAGES = CHAPTERS
+EVERY_PAGE = ["intro.html", "notation.html", "derivation.html", *CHAPTERS, "teaching.html", "lab/lab_cgm.html",
+              "reproducing.html", "merging_your_checkpoints.html", "api.html", "glossary.html",
+              "bibliography.html", "contributing.html", "genindex.html", "prf-prf.html", "search.html"]
 
 
 @pytest.fixture(scope="module")
 def book(tiny_run) -> Path:
-    return pipeline.build_book(tiny_run)
+    return pipeline.build_book(tiny_run, pdf=CHROMIUM is not None)
 
 
 def pages(book: Path) -> list[Path]:
@@ -35,8 +40,7 @@ def pages(book: Path) -> list[Path]:
 
 def test_book_has_every_chapter(book):
     names = {str(p.relative_to(book)) for p in pages(book)}
-    for expected in ["index.html", "intro.html", "notation.html", "derivation.html", "api.html",
-                     "bibliography.html", "reproducing.html", *MATH_PAGES]:
+    for expected in ["index.html", *EVERY_PAGE]:
         assert expected in names, f"{expected} missing from the built book"
 
 
@@ -68,6 +72,66 @@ def test_figures_are_numbered_and_cited(book):
     assert "#fig-toy-landscapes" in derivation, "the derivation should cite the regenerated Fig. 2"
 
 
+def test_reference_apparatus(book):
+    """A non-empty index, a proof index by titles, author-year bibliography labels, the PDF linked from the
+    front page's side bar, the slide figures gathered into one folder and listed on the teaching page."""
+    def main_text(name):
+        soup = BeautifulSoup((book / name).read_text(encoding="utf-8"), "html.parser")
+        return soup.find("main").get_text(" ", strip=True)
+    index = BeautifulSoup((book / "genindex.html").read_text(encoding="utf-8"), "html.parser")
+    entries = index.select("main table.indextable a")
+    assert len(entries) >= 10, f"the index has {len(entries)} entries; chapters add them with {{index}}"
+    proofs = main_text("prf-prf.html")
+    assert "Proposition:" in proofs and not re.search(r"\bprop-[a-z]", proofs), \
+        f"the proof index should list titles, not labels: {proofs[:300]}"
+    labels = [li.get_text(strip=True) for li in BeautifulSoup((book / "bibliography.html").read_text(
+        encoding="utf-8"), "html.parser").select("main .citation .label, main dt.label")]
+    assert labels and all(re.fullmatch(r"\[?[^\[\]]+, \d{4}[a-z]?\]?", lab) for lab in labels), \
+        f"bibliography labels are not author-year: {labels[:5]}"
+    front = (book / "intro.html").read_text(encoding="utf-8")
+    if CHROMIUM is not None:
+        assert f'href="{pipeline.BOOK_PDF}"' in front, "the front page should link the whole-book PDF"
+    slides = book.parent / "slides"
+    vector = sorted(p.name for p in slides.glob("fig-*.svg"))
+    pngs = sorted(p.stem for p in (book.parent / "results").glob("*/fig-*.png"))
+    assert [Path(v).stem for v in vector] == pngs, "every chapter figure should be in slides/ as SVG"
+    assert (slides / pipeline.SLIDES_ZIP).is_file()
+    teaching = main_text("teaching.html")
+    assert all(name in teaching for name in pngs), "the teaching page lists every slide figure"
+
+
+# ------------------------------------------------------------------ what the book serves leaks nothing
+PROGRESS = re.compile(r"\d+%\|[^|\n]*\||\d+(\.\d+)?\s?(it|s)/(s|it)\]|\x1b\[")
+
+
+def test_no_machine_paths_or_stderr_in_site_or_downloads(book):
+    leaks = []
+    for path in sorted(book.rglob("*")):
+        if path.suffix not in (".html", ".ipynb", ".js", ".txt", ".md", ".json") or "mathjax" in path.parts:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found = pipeline.machine_paths(text)
+        if found:
+            leaks.append(f"{path.relative_to(book)}: machine path {found[0]}")
+        if path.suffix in (".html", ".ipynb") and PROGRESS.search(text):
+            leaks.append(f"{path.relative_to(book)}: progress output {PROGRESS.search(text).group(0)!r}")
+    served = sorted(book.rglob("*.ipynb"))
+    assert len(served) >= len(CHAPTERS), f"the book serves {len(served)} notebooks for download"
+    for path in served:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        streams = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+        if any(o["name"] == "stderr" for o in streams):
+            leaks.append(f"{path.relative_to(book)}: a stderr stream")
+        if any("\r" in "".join(o["text"]) for o in streams):
+            leaks.append(f"{path.relative_to(book)}: a carriage-return progress line")
+        tags = [t for c in code for t in c.get("metadata", {}).get("tags", [])]
+        if "lab" not in path.parts and (tags.count("parameters") != 1 or "injected-parameters" in tags):
+            leaks.append(f"{path.relative_to(book)}: the parameters are not shown exactly once")
+    assert not leaks, "the book leaks:\n" + "\n".join(leaks[:30])
+
+
+# --------------------------------------------------------------------------------------- in the browser
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
@@ -85,31 +149,133 @@ def browser():
 
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\\frac|\\alpha|\\lambda")
 
+# Run in the page after MathJax: open every toggle (hidden code counts too), then measure.
+MEASURE = """() => {
+  document.querySelectorAll('details').forEach(d => d.open = true);
+  document.querySelectorAll('.toggle-hidden, .toggle-details__summary').forEach(e => e.click && e.click());
+  const article = document.querySelector('article.bd-article') || document.querySelector('main');
+  const right = article.getBoundingClientRect().right;
+  const kinds = {
+    'code cell': 'div.cell_input pre, div.highlight pre',
+    'output': 'div.cell_output pre, div.cell_output div.output, div.cell_output table',
+    'equation': 'mjx-container[display="true"], div.math',
+    'table': 'article table'};
+  const wide = [], flagged = [];
+  for (const [kind, selector] of Object.entries(kinds)) {
+    for (const el of document.querySelectorAll(selector)) {
+      if (flagged.some(f => f.contains(el))) continue;      // reported once, by its outermost box
+      const box = el.getBoundingClientRect();
+      if (box.width === 0 && box.height === 0) continue;
+      const scrolls = el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible';
+      const past = box.right > right + 1;
+      if (scrolls || past) {
+        flagged.push(el);
+        const text = (el.innerText || el.textContent || '').trim().split('\\n')[0].slice(0, 70);
+        wide.push(`${kind}: ${Math.max(el.scrollWidth, Math.round(box.right - box.left))} px in a `
+                  + `${Math.round(scrolls ? el.clientWidth : right - box.left)} px box: ${text}`);
+      }
+    }
+  }
+  const upscaled = Array.from(document.querySelectorAll('main img'))
+    .filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > i.naturalWidth + 1)
+    .map(i => `${i.getAttribute('src')}: ${i.naturalWidth} px shown at ${Math.round(i.getBoundingClientRect().width)} px`);
+  const images = Array.from(document.querySelectorAll('main img')).map(
+    i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));
+  return {wide, upscaled, images};
+}"""
 
-@pytest.mark.parametrize("name", MATH_PAGES)
-def test_page_renders_in_browser(book, browser, name):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    external = []
+
+def inspect_page(browser, path: Path, screenshot: Path | None = None, math: bool = False) -> dict:
+    """Open `path` at 1280 px; returns what went wrong: JavaScript errors, network requests, overflowing
+    elements, upscaled or broken images and (with `math`) raw TeX left."""
+    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+    errors, external = [], []
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
     page.route("**/*", lambda route: (external.append(route.request.url), route.abort())
                if not route.request.url.startswith("file:") else route.continue_())
-    page.goto((book / name).as_uri())
+    page.goto(path.as_uri())
     page.wait_for_load_state("load")
-    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000)
-    page.evaluate("() => MathJax.startup.promise")
-    n_math = page.locator("mjx-container").count()
-    assert n_math > 0, f"{name}: no rendered equations (mjx-container) found"
-    text = page.evaluate("""() => { const m = document.querySelector('main') || document.body;
-        const c = m.cloneNode(true); c.querySelectorAll('pre, code, mjx-container, script, .highlight')
-        .forEach(e => e.remove()); return c.innerText; }""")
-    leftover = RAW_TEX.findall(text)
-    assert not leftover, f"{name}: raw TeX left in the rendered page: {leftover[:5]}"
-    images = page.evaluate("""() => Array.from(document.querySelectorAll('main img')).map(
-        i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))""")
-    if name in FIGURE_PAGES:
-        assert images, f"{name}: no figures"
-    bad = [i["src"] for i in images if not i["ok"]]
-    assert not bad, f"{name}: figures that did not load: {bad}"
-    assert not external, f"{name}: the page tried to reach the network: {external[:5]}"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / (name.replace("/", "_").replace(".html", ".png"))), full_page=False)
+    found = {"math": None, "raw_tex": []}
+    if math:
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000)
+        page.evaluate("() => MathJax.startup.promise")
+        found["math"] = page.locator("mjx-container").count()
+        text = page.evaluate("""() => { const m = document.querySelector('main') || document.body;
+            const c = m.cloneNode(true); c.querySelectorAll('pre, code, mjx-container, script, .highlight')
+            .forEach(e => e.remove()); return c.innerText; }""")
+        found["raw_tex"] = RAW_TEX.findall(text)
+    page.wait_for_timeout(300)                           # late scripts (search, toggles) have run
+    found.update(page.evaluate(MEASURE))
+    found["errors"], found["external"] = errors, external
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
     page.close()
+    return found
+
+
+def assert_page_is_clean(name: str, found: dict, figures: bool = False) -> None:
+    problems = [f"JavaScript error: {e}" for e in found["errors"]]
+    problems += [f"reached for the network: {u}" for u in found["external"][:5]]
+    problems += [f"wider than the page: {w}" for w in found["wide"]]
+    problems += [f"figure upscaled (blurry): {u}" for u in found["upscaled"]]
+    problems += [f"figure did not load: {i['src']}" for i in found["images"] if not i["ok"]]
+    if found["math"] is not None:
+        if found["math"] == 0:
+            problems.append("no rendered equations (mjx-container)")
+        problems += [f"raw TeX left: {t}" for t in found["raw_tex"][:5]]
+    if figures and not found["images"]:
+        problems.append("no figures")
+    assert not problems, f"{name} at {WIDTH} px:\n" + "\n".join(problems[:40])
+
+
+@pytest.mark.parametrize("name", EVERY_PAGE)
+def test_page_in_browser(book, browser, name):
+    shot = ARTIFACTS / (name.replace("/", "_").replace(".html", ".png"))
+    found = inspect_page(browser, book / name, screenshot=shot, math=name in MATH_PAGES)
+    assert_page_is_clean(name, found, figures=name in FIGURE_PAGES)
+
+
+def test_search_shows_snippets_offline(book, browser):
+    """Search from a book opened from disk: hits come with a snippet of their page, and no error."""
+    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.goto((book / "search.html").as_uri() + "?q=curvature")
+    page.wait_for_function("() => document.querySelectorAll('#search-results li p.context').length > 0",
+                           timeout=20000)
+    snippets = page.locator("#search-results li p.context").all_inner_texts()
+    page.close()
+    assert snippets and any("curvature" in s.lower() for s in snippets), snippets[:3]
+    assert not errors, errors
+
+
+def test_browser_check_catches_a_broken_page(book, browser, tmp_path):
+    """The checks can fail: a copy of a chapter with a long code line, a wide equation, a JavaScript error
+    and a figure stretched past its natural width is reported on each count."""
+    src = book / "notebooks" / "01_toy_quadratics.html"
+    soup = BeautifulSoup(src.read_text(encoding="utf-8"), "html.parser")
+    article = soup.select_one("article.bd-article") or soup.find("main")
+    broken = BeautifulSoup(
+        '<div class="cell_input"><pre style="white-space: pre; overflow-x: auto">'
+        + "x = [" + ", ".join(str(i) for i in range(200)) + "]</pre></div>"
+        + '<div class="math notranslate nohighlight">\\[' + " + ".join(f"w_{{{i}}}" for i in range(120))
+        + "\\]</div>"
+        + f'<img src="../{next(book.glob("_images/*.png")).relative_to(book).as_posix()}" '
+        'style="width: 4000px; max-width: none">'
+        + "<script>undefinedFunctionOfABrokenPage();</script>", "html.parser")
+    article.append(broken)
+    page = book / "notebooks" / "_broken_for_test.html"
+    try:
+        page.write_text(str(soup), encoding="utf-8")
+        found = inspect_page(browser, page, screenshot=tmp_path / "broken.png", math=True)
+    finally:
+        page.unlink()
+    assert any(w.startswith("code cell") for w in found["wide"]), found["wide"]
+    assert any(w.startswith("equation") for w in found["wide"]), found["wide"]
+    assert any("undefinedFunctionOfABrokenPage" in e for e in found["errors"]), found["errors"]
+    assert found["upscaled"], "a stretched figure was not reported"
+    with pytest.raises(AssertionError, match="wider than the page"):
+        assert_page_is_clean("broken", found)
