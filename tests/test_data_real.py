@@ -408,3 +408,15 @@ def test_parquet_split_names():
         assert src.parquet_split(Path(name)) == split
     with pytest.raises(ValueError, match="cannot tell its split"):
         src.parquet_split(Path("part-0.parquet"))
+
+
+def test_the_chain_reads_what_is_prepared(tmp_path):
+    """The agreed interface: the paper-preset chain's reader takes a prepared target and a miniature export."""
+    data = pytest.importorskip("cgm_min.reproduce.data")
+    prepare("flickr30k", flickr_parquet(tmp_path / "src", with_split=True), tmp_path / "d")
+    recs = data.read_split(tmp_path / "d", "flickr30k", "train")
+    assert [r.id for r in recs] == [f[:-4] for f in FLICKR_FILES[:3]]
+    assert all(r.image_path.is_file() and len(r.answers) == 5 for r in recs)
+    export_miniature("calibration", "calibration", tmp_path / "d", n=2)
+    cal = data.read_split(tmp_path / "d", "calibration", "calibration")
+    assert len(cal) == 2 * len({r.task for r in cal}) and all(r.task for r in cal)
