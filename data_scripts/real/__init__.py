@@ -25,7 +25,8 @@ __all__ = ["TARGETS", "prepare", "verify", "read_split", "read_manifest", "write
 def prepare(target: str, source: str | os.PathLike, data_dir: str | os.PathLike, overwrite: bool = False,
             **options) -> Path:
     """Read `source` (a folder in one of the target's published formats) and write
-    `<data_dir>/<target>/`, then verify it. Options (calibration only): tasks, n_per_task, seed."""
+    `<data_dir>/<target>/` (checksums computed from the written files; `verify` checks them later).
+    Options (calibration only): tasks (a list, or a suite name), n_per_task, seed."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     if target == "calibration" and isinstance(options.get("tasks"), str):
@@ -36,6 +37,4 @@ def prepare(target: str, source: str | os.PathLike, data_dir: str | os.PathLike,
     if (Path(data_dir) / target).exists() and not overwrite:
         raise FileExistsError(f"{Path(data_dir) / target} exists; pass --overwrite to replace it")
     how, pairs = read_source(target, Path(source), **options)
-    folder = write_target(data_dir, target, how, pairs, overwrite)
-    verify(data_dir, target)
-    return folder
+    return write_target(data_dir, target, how, pairs, overwrite)

@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{folder}: " + ", ".join(f"{s} {n}" for s, n in m["splits"].items()) + f" ({m['source']})")
     elif a.command == "verify":
         from pathlib import Path
-        targets = a.targets or [p.name for p in sorted(Path(a.data_dir).iterdir()) if (p / "manifest.json").is_file()]
+        targets = a.targets or [p.name for p in sorted(Path(a.data_dir).iterdir())
+                                if not p.name.startswith(".") and (p / "manifest.json").is_file()]
         if not targets:
             raise ValueError(f"{a.data_dir}: no prepared target (no */manifest.json)")
         for t in targets:
