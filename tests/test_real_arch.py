@@ -105,8 +105,8 @@ def test_both_key_layouts(name):
                 "vision_tower.vision_model.encoder.layers.23.mlp.fc1.weight"} <= set(orig)
         assert orig["language_model.lm_head.weight"] == ("F16", (32064, 4096))
         # the CLIP tower's three spellings (hub, 4.x in-memory, saved from a config) are one tensor
-        for n in ("vision_tower.vision_model.post_layernorm.bias", "model.vision_tower.vision_model.post_layernorm.bias",
-                  "vision_tower.post_layernorm.bias"):
+        for n in ("vision_tower.vision_model.post_layernorm.bias",
+                  "model.vision_tower.vision_model.post_layernorm.bias", "vision_tower.post_layernorm.bias"):
             assert canonical_name("llava", n) == "model.vision_tower.post_layernorm.bias"
     else:
         assert {"model.layers.35.mlp.down_proj.weight", "model.embed_tokens.weight", "visual.merger.mlp.2.weight",

@@ -42,7 +42,8 @@ FLICKR_PROMPT = "Provide a one-sentence caption for the provided image."        
 LATEX_PROMPT = "Write the LaTeX representation for this image."
 
 # <split>-00000-of-00001.parquet; older `datasets` uploads add a content hash: <split>-00000-of-00001-<hex>.parquet
-PARQUET_SPLIT = re.compile(r"^([A-Za-z0-9_]+?)[-_]\d{5}[-_]of[-_]\d{5}(?:-[0-9a-f]{8,})?\.parquet$|^([A-Za-z0-9_]+)\.parquet$")
+PARQUET_SPLIT = re.compile(r"^([A-Za-z0-9_]+?)[-_]\d{5}[-_]of[-_]\d{5}(?:-[0-9a-f]{8,})?\.parquet$"
+                           r"|^([A-Za-z0-9_]+)\.parquet$")
 
 
 def _fail(msg: str):
