@@ -1,7 +1,7 @@
 """The cgm-merge plan of a real LLaVA-1.5-7B / Qwen2.5-VL-3B merge, from names and shapes only.
 
     from cgm_min.real.merge_plan import real_merge_plan
-    plan = real_merge_plan("llava-1.5-7b", "/tmp/scratch")     # what `cgm-merge --dry-run` prints
+    plan = real_merge_plan("llava-1.5-7b", "scratch")          # what `cgm-merge --dry-run` prints
     print(plan["describe"]); plan["bytes_read"], plan["peak_memory"]
 
 No weights are needed: `fabricate` writes checkpoint folders whose safetensors files hold the real headers
