@@ -114,12 +114,16 @@ def results_table(recipe, out: Path):
            "steps": ft_log["optimizer_steps"], "lr": recipe.finetune.lr,
            "n_layers": ms.last_layers if ms.last_layers is not None else PRESETS[ms.preset].last_layers,
            "regime": "reproduce", "curvature": CURVATURE_KIND[recipe.curvature.estimator], "run": recipe.name}
+    methods = [m["method"] for m in merges.values()]
     rows = []
     for label, scores in ev["scores"].items():
         m = merges.get(label)
+        # the variant is the method's registry name (what the figure chapter selects), unless the recipe
+        # merges with one method twice; then the label tells the two apart
+        variant = label if m is None or methods.count(m["method"]) > 1 else m["method"]
         hp = m["hyperparameters"] if m else {}
         alpha = (m.get("alpha") or {}) if m else {}
-        rows.append({**run, "method": m["method"] if m else label, "variant": label,
+        rows.append({**run, "method": m["method"] if m else label, "variant": variant,
                      "hyperparameters": json.dumps(dict(sorted(hp.items()))),
                      "k": hp.get("k", np.nan), "alpha": alpha.get("alpha", hp.get("alpha", np.nan)),
                      "alpha_norm": alpha.get("alpha_normalised", np.nan),

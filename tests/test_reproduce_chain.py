@@ -1,0 +1,153 @@
+"""The whole chain at the tiny recipe, through the same command a GPU user runs; resuming skips finished
+steps; h_pt (and fine-tuning) over two gloo processes equals one process; the results table is the
+miniature experiment's schema."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny-llava-corners.yaml"
+STEPS = ["data", "finetune", "curvature", "merge", "evaluate", "results"]
+
+
+def cli(*args, launcher=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, sys.executable, "-m", "cgm_min.cli.reproduce", *map(str, args)] if not launcher
+                          else [*launcher, "-m", "cgm_min.cli.reproduce", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def two_processes():
+    with socket.socket() as s:                 # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chain") / "tiny"
+    r = cli(RECIPE, "--out", out, "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_whole_chain(chain):
+    from cgm_min.experiments import results as rs
+    from cgm_min.io.curvature_files import read_curvature_metadata
+    out, r = chain
+    for step in STEPS:
+        assert f"{step}: done in" in r.stdout
+        done = json.loads((out / step / "done.json").read_text())
+        assert done["step"] == step and done["recipe"] == "tiny-llava-corners"
+    assert not list(out.glob(".*.partial"))
+    h_ft = read_curvature_metadata(out / "finetune" / "h_ft")
+    assert h_ft["kind"] == "h_ft" and h_ft["samples"] == 8 * 16          # every sample of 8 steps of 16
+    h_pt = read_curvature_metadata(out / "curvature" / "h_pt")
+    assert h_pt["kind"] == "h_pt" and h_pt["samples"] == 8 * 4            # 4 calibration samples x 8 tasks
+    merges = json.loads((out / "merge" / "merges.json").read_text())
+    assert list(merges) == ["cgm-an1", "cgm_dagger-an1-k0.1"]
+    for label in merges:
+        assert (out / "merge" / label / "cgm_merge.json").is_file()
+    df = rs.read_table(out / "results" / "results.parquet")
+    assert list(df["variant"]) == ["pre_trained", "fine_tuned", "cgm", "cgm_dagger"]
+    assert set(df["regime"]) == {"reproduce"} and set(df["target"]) == {"corners"}
+    ft = df.set_index("variant")
+    # fine-tuning learned the target the pre-trained model cannot do
+    assert ft.loc["fine_tuned", "target_score"] > ft.loc["pre_trained", "target_score"]
+    assert ft.loc["cgm", "alpha_norm"] == 1.0 and ft.loc["cgm", "alpha"] > 0
+    assert json.loads(ft.loc["cgm_dagger", "hyperparameters"])["k"] == 0.1
+
+
+def test_the_figure_chapter_draws_it(chain):
+    """The paper-figure functions take the chain's table as they take the miniature experiment's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cgm_min.experiments import paper_figures as pf
+    from cgm_min.experiments import results as rs
+    df = rs.read_table(chain[0] / "results" / "results.parquet")
+    where = {"regime": "reproduce", "family": "llava", "target": "corners"}
+    assert pf.setting_tasks(df) == ("corners", ["colour", "shape", "position", "presence", "count", "addition",
+                                                "choice", "digit"])
+    fig = plt.figure()
+    bars = pf.fig1_bars(fig.add_subplot(121), df, where)
+    assert list(bars) == ["pre_trained", "fine_tuned", "cgm", "cgm_dagger"]
+    heights = [b.get_height() for b in bars["cgm"]]            # Pre-Avg, Target, Hscore in points
+    row = df.set_index("variant").loc["cgm"]
+    assert heights == pytest.approx([100 * row["pre_avg"], 100 * row["target_score"], 100 * row["hscore"]])
+    pf.fig3_radar(fig.add_subplot(122, projection="polar"), df, where)
+    plt.close(fig)
+
+
+def test_resume_skips_finished_steps(chain, tmp_path):
+    out, _ = chain
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "results")
+    r = cli(RECIPE, "--out", copy)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for step in STEPS[:-1]:
+        assert f"{step}: done, skipped" in r.stdout
+    assert "results: done in" in r.stdout
+    a = (out / "results" / "results.parquet")
+    import pandas as pd
+    pd.testing.assert_frame_equal(pd.read_parquet(a).drop(columns="seconds"),
+                                  pd.read_parquet(copy / "results" / "results.parquet").drop(columns="seconds"))
+    # a folder from another recipe is refused, not mixed
+    other = tmp_path / "other.yaml"
+    other.write_text(RECIPE.read_text().replace("k: 0.1}", "k: 0.2}").replace("../checkpoints",
+                                                                             str(ROOT / "checkpoints")))
+    r = cli(other, "--out", copy)
+    assert r.returncode == 2 and "was made by another recipe" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_two_processes_equal_one(chain, tmp_path):
+    """h_pt with two gloo processes (torchrun + accelerate) equals the one-process h_pt: each process sums
+    its share of the calibration batches, the sums are all-reduced. Tolerance: float32 addition order,
+    1e-5 of each tensor's largest entry. Fine-tuning with two processes (DDP) gives the same losses and h_ft."""
+    from cgm_min.world.training import load_curvature
+    out, _ = chain
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copytree(out / "data", two / "data")
+    r = cli(RECIPE, "--out", two, "--step", "curvature", launcher=two_processes())
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(RECIPE, "--out", two, "--step", "finetune", launcher=two_processes())
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rel in ("curvature/h_pt", "finetune/h_ft"):
+        one, _ = load_curvature(out / rel / "model.safetensors")
+        got, meta = load_curvature(two / rel / "model.safetensors")
+        assert set(one) == set(got)
+        if rel.startswith("curvature"):
+            assert meta["processes"] == 2
+        for n in one:
+            torch.testing.assert_close(got[n], one[n], rtol=0, atol=1e-5 * float(one[n].abs().max()))
+    a = json.loads((out / "finetune" / "log.json").read_text())
+    b = json.loads((two / "finetune" / "log.json").read_text())
+    assert b["processes"] == 2 and b["h_ft_samples"] == a["h_ft_samples"]
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+
+
+def test_lmms_scores_from_simple_evaluate():
+    """lmms-eval's result dict -> scores in [0, 1]: several metrics averaged (the paper's Flickr30k), percent
+    metrics divided by their scale, a missing metric named in one line."""
+    from cgm_min.reproduce.evaluate import extract_scores
+    from cgm_min.reproduce.recipes import EvalTask
+    res = {"results": {"flickr30k_test": {"alias": "flickr30k_test", "flickr_Bleu_1,none": 0.7,
+                                          "flickr_CIDEr,none": 0.5},
+                       "mmbench_en_dev": {"gpt_eval_score,none": 64.3}}}
+    tasks = [EvalTask("Flickr30k", "flickr30k_test", ("flickr_Bleu_1", "flickr_CIDEr")),
+             EvalTask("MM-Bench", "mmbench_en_dev", ("gpt_eval_score",), 100.0)]
+    assert extract_scores(res, tasks) == pytest.approx({"Flickr30k": 0.6, "MM-Bench": 0.643})
+    with pytest.raises(ValueError, match="has no metric 'flickr_METEOR'; it reports flickr_Bleu_1, flickr_CIDEr"):
+        extract_scores(res, [EvalTask("Flickr30k", "flickr30k_test", ("flickr_METEOR",))])
