@@ -101,7 +101,7 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
 
 # What a terminal would hide: ANSI colour codes, and everything before a carriage return on its line.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var/folders)/[^\s'\"<>)\]]*")
+_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var/folders)/[^\s'\",;<>)\]]*")
 
 
 def _last_frame(text: str) -> str:

@@ -12,13 +12,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
+from book_fixtures import CHROMIUM, built_book
 from bs4 import BeautifulSoup
 
 from cgm_min import pipeline
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(os.environ.get("CGM_ARTIFACTS") or pipeline.ROOT / "build" / "test-artifacts")
-CHROMIUM = pipeline.find_chromium()
 WIDTH = 1280
 CHAPTERS = [f"notebooks/{n}.html" for n in pipeline.notebook_names()]
 # Pages that must show rendered math and at least one figure.
@@ -31,7 +31,7 @@ EVERY_PAGE = ["intro.html", "notation.html", "derivation.html", *CHAPTERS, "teac
 
 @pytest.fixture(scope="module")
 def book(tiny_run) -> Path:
-    return pipeline.build_book(tiny_run, pdf=CHROMIUM is not None)
+    return built_book(tiny_run)
 
 
 def pages(book: Path) -> list[Path]:
@@ -84,10 +84,13 @@ def test_reference_apparatus(book):
     proofs = main_text("prf-prf.html")
     assert "Proposition:" in proofs and not re.search(r"\bprop-[a-z]", proofs), \
         f"the proof index should list titles, not labels: {proofs[:300]}"
-    labels = [li.get_text(strip=True) for li in BeautifulSoup((book / "bibliography.html").read_text(
-        encoding="utf-8"), "html.parser").select("main .citation .label, main dt.label")]
-    assert labels and all(re.fullmatch(r"\[?[^\[\]]+, \d{4}[a-z]?\]?", lab) for lab in labels), \
-        f"bibliography labels are not author-year: {labels[:5]}"
+    labels = {li.get_text(strip=True).strip("[]") for li in BeautifulSoup((book / "bibliography.html").read_text(
+        encoding="utf-8"), "html.parser").select("main .citation .label")}
+    assert labels and all(re.fullmatch(r"[^\[\]]+, \d{4}[a-z]?", lab) for lab in labels), \
+        f"bibliography labels are not author-year: {sorted(labels)[:5]}"
+    cited = {a.get_text(strip=True) for p in pages(book) for a in BeautifulSoup(p.read_text(encoding="utf-8"),
+             "html.parser").select('main a[href*="bibliography.html#"]')}
+    assert cited and cited <= labels, f"cited in the text but not so in the bibliography: {sorted(cited - labels)[:5]}"
     front = (book / "intro.html").read_text(encoding="utf-8")
     if CHROMIUM is not None:
         assert f'href="{pipeline.BOOK_PDF}"' in front, "the front page should link the whole-book PDF"

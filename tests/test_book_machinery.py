@@ -1,0 +1,94 @@
+"""The book build's machinery on fabricated inputs (fast): executed notebooks cleaned for show and download,
+the slide folder, the machine-path finder."""
+from __future__ import annotations
+
+import zipfile
+
+import nbformat
+import pytest
+
+from cgm_min import pipeline
+
+
+def executed_notebook(run_dir):
+    """What papermill leaves: the source's parameters cell, the injected one, stderr progress bars, a stdout
+    progress line redrawn with carriage returns, machine paths in outputs and in papermill's metadata."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"parameters": {"PRESET": "tiny", "SEED": 0, "OUT_DIR": "results/x"},
+                                "input_path": f"{run_dir}/tmpabc/x.ipynb", "output_path": f"{run_dir}/x.ipynb"}
+    params = nbformat.v4.new_code_cell('PRESET = "cpu"  # tiny, cpu or paper\nSEED = 0\nOUT_DIR = "results/x"',
+                                       metadata={"tags": ["parameters", "remove-cell"]})
+    injected = nbformat.v4.new_code_cell('# Parameters\nPRESET = "tiny"\nSEED = 0\nOUT_DIR = "results/x"\n',
+                                         metadata={"tags": ["injected-parameters"],
+                                                   "papermill": {"duration": 0.1}})
+    work = nbformat.v4.new_code_cell("run()", metadata={"execution": {"iopub.status.busy": "2026"}})
+    work.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="50%|#####     | 5/10 [00:01<00:01, 4.2it/s]\r"),
+        nbformat.v4.new_output("stream", name="stdout", text="step 1\rstep 2\rdone\n\x1b[1mbold\x1b[0m\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{run_dir}/results/x/m.json')"},
+                               execution_count=1),
+    ]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), params, injected, work]
+    return nb
+
+
+def test_clean_executed_shows_parameters_once_and_strips_what_is_not_a_result(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "x.ipynb"
+    nbformat.write(executed_notebook(run_dir.resolve()), path)
+    pipeline.clean_executed(path, run_dir)
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) == 2, "the injected parameters cell must be merged into the source's"
+    assert code[0].source == 'PRESET = "tiny"  # tiny, cpu or paper\nSEED = 0\nOUT_DIR = "results/x"'
+    assert code[0].metadata["tags"] == ["parameters", "remove-cell"]
+    outputs = code[1].outputs
+    assert [o.output_type for o in outputs] == ["stream", "execute_result"], "stderr must be gone"
+    assert outputs[0].text == "done\nbold\n", "what a terminal shows last, without colour codes"
+    assert outputs[1].data["text/plain"] == "PosixPath('results/x/m.json')"
+    text = nbformat.writes(nb)
+    assert str(tmp_path) not in text and not pipeline.machine_paths(text)
+    assert "execution" not in code[1].metadata and "papermill" not in code[0].metadata
+    before = nbformat.writes(nb)
+    pipeline.clean_executed(path, run_dir)
+    assert nbformat.writes(nbformat.read(path, as_version=4)) == before, "cleaning twice changes nothing"
+
+
+def test_machine_paths_are_found():
+    assert pipeline.machine_paths("see /tmp/abc/x.json and /work/main/y") == ["/tmp/abc/x.json", "/work/main/y"]
+    assert pipeline.machine_paths("/home/me/.cache/x, /root/a") == ["/home/me/.cache/x", "/root/a"]
+    assert pipeline.machine_paths("results/x/m.json, https://example.org/tmp/x, a/tmp/b") == []
+
+
+def test_collect_slides_gathers_vector_figures_into_one_folder(tmp_path):
+    for nb, names in {"01_a": ["fig-toy-one", "toy_old"], "02_b": ["fig-hard-two"]}.items():
+        folder = tmp_path / "results" / nb
+        folder.mkdir(parents=True)
+        for name in names:
+            for ext in ("png", "svg", "pdf"):
+                (folder / f"{name}.{ext}").write_bytes(f"{name}.{ext}".encode())
+    slides = pipeline.collect_slides(tmp_path)
+    assert sorted(p.name for p in slides.iterdir()) == [
+        pipeline.SLIDES_ZIP, "fig-hard-two.pdf", "fig-hard-two.svg", "fig-toy-one.pdf", "fig-toy-one.svg"]
+    with zipfile.ZipFile(slides / pipeline.SLIDES_ZIP) as zf:
+        assert len(zf.namelist()) == 4
+    first = (slides / pipeline.SLIDES_ZIP).read_bytes()
+    assert pipeline.collect_slides(tmp_path) == slides
+    assert (slides / pipeline.SLIDES_ZIP).read_bytes() == first, "the same figures give the same zip"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slides")], "no temporary folder left"
+    page = pipeline._slides_page(slides)
+    assert "`fig-toy-one`" in page and "slides/fig-hard-two.svg" in page and "toy_old" not in page
+    (tmp_path / "results" / "02_b" / "fig-toy-one.svg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="two notebooks saved fig-toy-one.svg"):
+        pipeline.collect_slides(tmp_path)
+    assert (slides / "fig-hard-two.svg").is_file(), "a refused collection leaves the previous folder"
+
+
+def test_book_without_chromium_needs_no_pdf(tmp_path, monkeypatch):
+    for name in pipeline.notebook_names():
+        (tmp_path / "executed").mkdir(exist_ok=True)
+        nbformat.write(nbformat.v4.new_notebook(), tmp_path / "executed" / f"{name}.ipynb")
+    monkeypatch.setattr(pipeline, "find_chromium", lambda: None)
+    with pytest.raises(RuntimeError, match="needs headless Chromium.*--no-pdf"):
+        pipeline.build_book(tmp_path)

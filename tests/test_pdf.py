@@ -1,0 +1,80 @@
+"""The whole-book PDF: built offline with the book (headless Chromium prints Jupyter Book's single-page
+build), it opens, has every page of the table of contents with its title in the PDF's outline and its
+text, shows rendered equations (no raw TeX) and leaks no machine path."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from book_fixtures import CHROMIUM, built_book
+from bs4 import BeautifulSoup
+
+from cgm_min import pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pdf(tiny_run):
+    if CHROMIUM is None:
+        if os.environ.get("CGM_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
+        pytest.skip("headless chromium not installed (Debian package `chromium`): the book is built without PDF")
+    try:
+        import pypdf
+    except ImportError:
+        if os.environ.get("CGM_REQUIRE_BROWSER"):
+            pytest.fail("pypdf is required to check the PDF (the `test` extra installs it)")
+        pytest.skip("pypdf not installed")
+    book = built_book(tiny_run)
+    path = book / pipeline.BOOK_PDF
+    assert path.is_file(), f"no {pipeline.BOOK_PDF} in the built book"
+    reader = pypdf.PdfReader(path)
+    return book, reader
+
+
+def toc_titles(book) -> list[str]:
+    """The title (first heading) of every page the book's side bar lists, in book order."""
+    soup = BeautifulSoup((book / "intro.html").read_text(encoding="utf-8"), "html.parser")
+    titles = [soup.find("main").find("h1").get_text(" ", strip=True).rstrip("#").strip()]
+    for a in soup.select("nav.bd-docs-nav a.reference.internal"):
+        page = BeautifulSoup((book / a["href"].split("#")[0]).read_text(encoding="utf-8"), "html.parser")
+        titles.append(page.find("main").find("h1").get_text(" ", strip=True).rstrip("#").strip())
+    return titles
+
+
+def flat_outline(reader, items=None) -> list[str]:
+    out = []
+    for item in reader.outline if items is None else items:
+        if isinstance(item, list):
+            out += flat_outline(reader, item)
+        else:
+            out.append(item.title)
+    return out
+
+
+def squash(text: str) -> str:
+    """Letters and digits only, lower case: PDF text extraction splits and joins words its own way."""
+    return re.sub(r"[^0-9a-z]", "", text.lower())
+
+
+def test_pdf_opens_and_has_every_chapter(pdf):
+    book, reader = pdf
+    assert len(reader.pages) >= 20, f"only {len(reader.pages)} pages"
+    titles = toc_titles(book)
+    assert len(titles) >= len(pipeline.notebook_names()) + 5
+    outline = {squash(t) for t in flat_outline(reader)}
+    missing = [t for t in titles if squash(t) not in outline]
+    assert not missing, f"chapters missing from the PDF's outline: {missing}"
+    text = squash("".join(page.extract_text() or "" for page in reader.pages))
+    missing = [t for t in titles if squash(t) not in text]
+    assert not missing, f"chapter titles missing from the PDF's text: {missing}"
+
+
+def test_pdf_has_rendered_math_and_no_machine_paths(pdf):
+    book, reader = pdf
+    text = "\n".join(page.extract_text() or "" for page in reader.pages)
+    raw = re.findall(r"\\frac|\\begin\{|\$\$|\\alpha", text)
+    assert not raw, f"raw TeX in the PDF: {raw[:5]}"
+    assert not pipeline.machine_paths(text), f"machine paths in the PDF: {pipeline.machine_paths(text)[:3]}"
