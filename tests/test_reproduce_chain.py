@@ -151,3 +151,54 @@ def test_lmms_scores_from_simple_evaluate():
     assert extract_scores(res, tasks) == pytest.approx({"Flickr30k": 0.6, "MM-Bench": 0.643})
     with pytest.raises(ValueError, match="has no metric 'flickr_METEOR'; it reports flickr_Bleu_1, flickr_CIDEr"):
         extract_scores(res, [EvalTask("Flickr30k", "flickr30k_test", ("flickr_METEOR",))])
+
+
+def test_paper_recipe_results_sit_beside_the_papers_rows(tmp_path):
+    """A paper recipe's results table (from fabricated scores) has the paper's benchmark columns, concatenates
+    with the paper's printed rows into one valid table, and the figure code draws both settings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    from cgm_min.experiments import paper_figures as pf
+    from cgm_min.experiments import results as rs
+    from cgm_min.reproduce.evaluate import results_table
+    from cgm_min.reproduce.recipes import load_recipe
+    recipe = load_recipe(ROOT / "recipes" / "llava-1.5-7b-okvqa.yaml", check_paths=False)
+    out = tmp_path / "out"
+    labels = [recipe.evaluate.target.label, *recipe.general_labels]
+    rng = np.random.default_rng(0)
+    models = ["pre_trained", "fine_tuned", *[s.label for s in recipe.merge]]
+    for step, name, data in [
+            ("evaluate", "scores.json", {"scores": {m: {t: float(rng.uniform(0.3, 0.8)) for t in labels} for m in models},
+                                         "seconds": {m: 1.0 for m in models}}),
+            ("merge", "merges.json", {s.label: {"method": s.method, "hyperparameters": dict(s.parameters),
+                                                "alpha": None} for s in recipe.merge}),
+            ("finetune", "log.json", {"optimizer_steps": 141})]:
+        (out / step).mkdir(parents=True)
+        (out / step / name).write_text(json.dumps(data))
+    ours = results_table(recipe, out)
+    assert list(ours["variant"]) == ["pre_trained", "fine_tuned", "cgm", "cgm_dagger"]
+    assert {f"task:{t}" for t in labels} <= set(ours.columns)
+    both = rs.check_schema(pd.concat([pf.paper_results(), ours], ignore_index=True))
+    fig, (a, b) = plt.subplots(1, 2)
+    paper_bars = pf.fig1_bars(a, both, pf.paper_setting(1))
+    our_bars = pf.fig1_bars(b, both, {"regime": "reproduce", "run": recipe.name})
+    assert list(our_bars) == ["pre_trained", "fine_tuned", "cgm", "cgm_dagger"] and "cgm_dagger" in paper_bars
+    plt.close(fig)
+
+
+def test_gpu_check_script(tmp_path):
+    """benchmarks/gpu_check.py refuses without a GPU in one line; on the CPU it times the chain and both modes."""
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: no GPU") and r.stderr.count("\n") == 1
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "1", "--repeats", "1", "--out",
+                        tmp_path / "g.json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert set(g["steps"]) == set(STEPS)
+    for o in g["h_ft_overhead"].values():
+        assert o["steps_each"] == {"plain": 1, "h_ft": 1} and o["median_step_s"]["h_ft"] > 0
