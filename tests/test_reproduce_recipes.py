@@ -162,3 +162,10 @@ def test_the_guide_shows_the_cost_models_table():
         "book/reproducing.md's cost table is stale: run python -m cgm_min.reproduce.costs"
     for name in PAPER:
         assert f"recipes/{name}.yaml" in text
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    p = write(tmp_path, "name: x\n  bad: [\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    assert str(err.value).startswith(f"{p}: invalid YAML") and "line 2" in str(err.value) and "\n" not in str(err.value)

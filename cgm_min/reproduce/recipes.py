@@ -336,8 +336,6 @@ def load_recipe(path: str | os.PathLike, check_paths: bool = True) -> Recipe:
     yaml, Loader = _yaml_loader()
     try:
         data = yaml.load(text, Loader=Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    except yaml.YAMLError as err:                 # PyYAML's message names the line; one line here
+        raise RecipeError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
     return parse_recipe(data, path.parent.resolve(), str(path), check_paths, path.resolve(), text)
