@@ -15,20 +15,22 @@ from cgm_min.world import models as mm
 from cgm_min.world import tasks as mt
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "checkpoints" / "mini-llava-1.5"
+FAMILIES = {"llava": ("tiny-llava-corners", "corners"), "qwen": ("tiny-qwen-caption", "caption")}
 
 
-@pytest.fixture(scope="module")
-def setting():
-    r = load_recipe(ROOT / "recipes" / "tiny-llava-corners.yaml")
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setting(request):
+    """(recipe, samples); Qwen2.5-VL's stacked image patches are split per sample by cgm.split_samples."""
+    name, task = FAMILIES[request.param]
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     # one optimizer step of 4 samples, 2 per forward pass (so 2 accumulation steps of a 2-sample loop)
     r = replace(r, finetune=replace(r.finetune, global_batch=4, micro_batch=2, max_steps=1, warmup_ratio=0.0))
-    return r, mt.make_samples("corners", "train", 4)
+    return r, mt.make_samples(task, "train", 4)
 
 
 def brute_force(recipe, samples):
     """mean over samples of (d loss_n / d w)^2 at w_pt, one sample at a time, and the batch-mean gradient."""
-    model, processor, names, _ = ft.load_for_training(recipe, MODEL)
+    model, processor, names, _ = ft.load_for_training(recipe, recipe.model)
     enc = mm.Encoder(processor)
     params = dict(model.named_parameters())
     sq = {n: torch.zeros_like(params[n]) for n in names}
@@ -58,7 +60,7 @@ class GradCapture:
 
 def run(recipe, samples, h_ft, tmp_path):
     from transformers import Trainer
-    model, processor, names, _ = ft.load_for_training(recipe, MODEL)
+    model, processor, names, _ = ft.load_for_training(recipe, recipe.model)
     cap = GradCapture()
     # no gradient clipping, so that the captured gradient is the accumulated one
     args = ft.training_arguments(recipe, tmp_path, 1, disable_tqdm=True, max_grad_norm=0.0)
@@ -80,9 +82,10 @@ def test_h_ft_is_the_per_sample_fisher(setting, tmp_path):
         scale = sq[n].abs().max()
         assert scale > 0
         torch.testing.assert_close(h[n], sq[n], rtol=1e-4, atol=1e-6 * float(scale))
-    # what a batch-gradient estimator would give: (mean gradient)^2 -- not the same at all
+    # what a batch-gradient estimator would give, (mean gradient)^2, is smaller (Jensen), here by far more
+    # than the tolerance above: the per-sample gradients are not all alike
     ratio = sum(float(h[n].sum()) for n in names) / sum(float((mean[n] ** 2).sum()) for n in names)
-    assert ratio > 1.5
+    assert ratio > 1.1
     # and the optimizer saw the batch-mean gradient of the per-sample losses
     for n in names:
         torch.testing.assert_close(grads[n], mean[n], rtol=1e-4, atol=1e-5 * float(mean[n].abs().max()))
@@ -100,7 +103,7 @@ def test_plain_training_sees_the_same_gradient(setting, tmp_path):
 
 def test_per_sample_loss_is_the_models_loss(setting):
     recipe, samples = setting
-    model, processor = mm.load_family(MODEL)
+    model, processor = mm.load_family(recipe.model)
     enc = mm.Encoder(processor)
     b = enc.batch(samples)
     with torch.no_grad():
