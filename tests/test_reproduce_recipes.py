@@ -2,6 +2,7 @@
 the dry run plans every paper recipe from the cost model."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -94,9 +95,9 @@ def test_missing_paths(tmp_path):
         load_recipe(p)
 
 
-def cli(*args, cwd=ROOT):
+def cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "cgm_min.cli.reproduce", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -123,6 +124,13 @@ def test_paper_preflight_before_any_work(tmp_path):
     p = write(tmp_path, text.replace("llava-hf/llava-1.5-7b-hf", str(model)).replace("../data/real", str(data)))
     r = cli(p, "--out", tmp_path / "out")
     assert r.returncode == 2 and "is not prepared (no manifest.json)" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    # prepared data (fabricated, in the real format) but no GPU on this machine
+    from data_scripts.real.local import Example, write_target
+    write_target(data, "okvqa", "fabricated", [("train", Example("q1", "What is it?", ["a cat"]))])
+    write_target(data, "calibration", "fabricated", [("calibration", Example("c1", "Q?", ["yes"], task="pope"))])
+    r = cli(p, "--out", tmp_path / "out", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "the paper scale needs a GPU" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out").exists()
 
 
