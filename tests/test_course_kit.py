@@ -163,3 +163,17 @@ def test_lab_solution_passes_its_checks(tmp_path):
         assert out.startswith("ok"), f"a check did not pass: {cell['source'][:80]!r} printed {out!r}"
     assert seconds < 600, f"the lab took {seconds:.0f} s"
     assert (tmp_path / "results" / pipeline.LAB_NAME / "fig-lab-tradeoff.svg").is_file()
+
+
+@pytest.mark.parametrize("path", [pipeline.NOTEBOOK_DIR / f"{n}.md" for n in pipeline.notebook_names()]
+                         + [pipeline.LAB_SOLUTION], ids=lambda p: p.stem)
+def test_shown_code_fits_the_page(path):
+    """Code a reader sees (cells not tagged remove-cell or remove-input) has lines of at most 100
+    characters: at 1280 px the book shows 100 characters of code on a line."""
+    long = []
+    for i, cell in enumerate(jupytext.read(path).cells):
+        tags = cell.metadata.get("tags", [])
+        if cell.cell_type == "code" and not {"remove-cell", "remove-input"} & set(tags):
+            long += [f"cell {i}: {len(line)} characters: {line[:60]}" for line in cell.source.splitlines()
+                     if len(line) > 100]
+    assert not long, f"{path.name}: code lines wider than the page:\n" + "\n".join(long[:10])
