@@ -37,14 +37,18 @@ NEEDS = {"data": (), "finetune": ("data",), "curvature": ("data",), "merge": ("f
 COLLECTIVE = ("finetune", "curvature")
 DONE = "done.json"
 REGIME = "reproduce"          # the results table's regime column for chain runs
+BARRIER_HOURS = 72            # how long processes wait for the main one (torch.distributed timeout)
 
 
 def process_state():
     """accelerate's PartialState: the processes `accelerate launch` (or torchrun) started; on a machine without
     a GPU, CPU processes joined by gloo (accelerate needs `cpu=True` to see them)."""
+    import datetime
     import torch
     from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available())
+    # the other processes wait at a barrier while the main one merges and evaluates (hours at the paper's
+    # scale): a process-group timeout longer than that (the default is 10-30 minutes)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=BARRIER_HOURS))
 
 
 def recipe_sha256(recipe) -> str:

@@ -17,7 +17,7 @@ language-model tokens of one sample (image tokens + text) and P the vision tower
     evaluation, per document  2 N_vis P + 2 N_lm (T + generated tokens)
 
 GPU-hours = FLOPs / (ASSUMED_PEAK_FLOPS x utilisation) / 3600, summed over GPUs (wall time = GPU-hours /
-GPUs for the data-parallel steps). Memory per GPU: frozen weights in the published dtype; the trained ones
+GPUs for the data-parallel steps, fine-tuning and h_pt; the evaluation runs on the main process's GPU). Memory per GPU: frozen weights in the published dtype; the trained ones
 as float32 master weights + float32 gradients + AdamW's two float32 moments + the float32 h_ft sum; with
 activations estimated after Korthikanti et al. (2022): 34 h T bytes per layer and sample in bf16 (plus
 5 a T^2 for attention scores, a = heads, dropped: SDPA does not store them) for the recomputed layer and 2 h T
@@ -214,7 +214,7 @@ def plan_text(recipe, costs: Sequence[StepCost] | None = None) -> str:
              f"merge set {recipe.merge_set.describe()}, {recipe.gpus} GPU(s) assumed"]
     lines.append("  data        check the local data folder (checksums) or export the miniature tasks")
     for c in costs:
-        wall = c.gpu_hours / (recipe.gpus if c.step in ("finetune", "curvature", "evaluate") else 1)
+        wall = c.gpu_hours / (recipe.gpus if c.step in ("finetune", "curvature") else 1)   # evaluate: one GPU
         unit = "GPU-h" if c.device == "GPU" else "h (CPU)"
         lines.append(f"  {c.step:<11} {c.gpu_hours:9.3g} {unit:<7} (wall {wall:.3g} h)  "
                      f"{c.memory_gb:7.1f} GB  {c.flops:9.3g} FLOP  {c.what}")

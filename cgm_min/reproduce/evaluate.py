@@ -110,10 +110,11 @@ def results_table(recipe, out: Path):
     general = recipe.general_labels
     ms = recipe.merge_set
     from ..io.layouts import PRESETS
+    from .chain import REGIME
     run = {"family": recipe.family, "size": size, "target": target, "seed": recipe.finetune.seed,
            "steps": ft_log["optimizer_steps"], "lr": recipe.finetune.lr,
            "n_layers": ms.last_layers if ms.last_layers is not None else PRESETS[ms.preset].last_layers,
-           "regime": "reproduce", "curvature": CURVATURE_KIND[recipe.curvature.estimator], "run": recipe.name}
+           "regime": REGIME, "curvature": CURVATURE_KIND[recipe.curvature.estimator], "run": recipe.name}
     methods = [m["method"] for m in merges.values()]
     rows = []
     for label, scores in ev["scores"].items():

@@ -260,9 +260,10 @@ def finetune(recipe, model_path, records: Sequence, out_dir: str | Path, progres
     acc.wait_for_everyone()
     if acc.is_main_process:
         net = acc.unwrap_model(trainer.model)
+        trained = set(names)
         for n, p in net.named_parameters():
             p.requires_grad_(False)
-            if n in set(names) and p.dtype != stored and device_kind() == "cuda":
+            if n in trained and p.dtype != stored and device_kind() == "cuda":
                 p.data = p.data.to(stored)
         net = net.cpu().eval()
         mm.save_family(net, processor, out_dir / "model")
