@@ -3,6 +3,7 @@
     python -m cgm_min.pipeline notebooks --preset cpu [--only 01_toy_quadratics] [--out build]
     python -m cgm_min.pipeline book [--out build] [--no-pdf]
     python -m cgm_min.pipeline all --preset cpu [--out build]
+    python -m cgm_min.pipeline lab [--out build]      the students' lab notebook, and its solution run
 
 Layout under --out (default `build/`):
     executed/<name>.ipynb         the executed notebook (what the book shows)
@@ -428,7 +429,7 @@ def build_book(out: Path, pdf: bool = True) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cgm_min.pipeline", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["notebooks", "book", "all"])
+    ap.add_argument("what", choices=["notebooks", "book", "all", "lab"])
     ap.add_argument("--preset", default="cpu", choices=PRESETS,
                     help="tiny = CI smoke size, cpu = the default CPU run, paper = GPU with real checkpoints")
     ap.add_argument("--out", default=str(ROOT / "build"), help="output folder (default: build/)")
@@ -445,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("book", "all"):
         html = build_book(out, pdf=not args.no_pdf)
         print(f"book built: open {html / 'index.html'}")
+    if args.what == "lab":
+        import nbformat
+
+        from .report import atomic_write
+        student = atomic_write(out / "lab" / f"{LAB_NAME}.ipynb", lambda tmp: nbformat.write(student_lab(), tmp))
+        print(f"students' notebook: {student}")
+        print(f"solution, run and checked: {execute_lab(out, preset=args.preset, seed=args.seed)}")
     return 0
 
 
