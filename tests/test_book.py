@@ -159,9 +159,10 @@ MEASURE = """() => {
   const article = document.querySelector('article.bd-article') || document.querySelector('main');
   const right = article.getBoundingClientRect().right;
   const kinds = {
-    'code cell': 'div.cell_input pre, div.highlight pre',
+    'code cell': 'div.cell_input pre',
     'output': 'div.cell_output pre, div.cell_output div.output, div.cell_output table',
     'equation': 'mjx-container[display="true"], div.math',
+    'code block': 'article div.highlight pre',
     'table': 'article table'};
   const wide = [], flagged = [];
   for (const [kind, selector] of Object.entries(kinds)) {
