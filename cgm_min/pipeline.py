@@ -71,25 +71,30 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
     cache), so executed notebooks name no machine paths. WORKERS is how many single-thread processes a
     notebook may run side by side.
     """
-    import jupytext
-    import papermill
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     src = NOTEBOOK_DIR / f"{name}.md"
     if not src.is_file():
         raise FileNotFoundError(f"no notebook {src.name} in notebooks/ (known: {notebook_names()})")
     out = Path(out).resolve()
-    (out / "executed").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    target = out / "executed" / f"{name}.ipynb"
+    offered = {"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
+               "WORKERS": workers}
+    return _papermill(src, out / "executed" / f"{name}.ipynb", out, offered, timeout)
+
+
+def _papermill(src: Path, target: Path, out: Path, offered: dict, timeout: int) -> Path:
+    """Run the MyST notebook `src` with papermill, the kernel in `out`, passing the parameters of `offered`
+    that its `parameters` cell declares; the executed notebook is cleaned (`clean_executed`) and renamed to
+    `target` when complete."""
+    import jupytext
+    import papermill
+    target.parent.mkdir(parents=True, exist_ok=True)
     _kernel_environment()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        plain = Path(tmp) / f"{name}.ipynb"
+        plain = Path(tmp) / f"{src.stem}.ipynb"
         jupytext.write(jupytext.read(src), plain)
-        done = Path(tmp) / f"{name}.executed.ipynb"
-        offered = {"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
-                   "WORKERS": workers}
+        done = Path(tmp) / f"{src.stem}.executed.ipynb"
         declared = papermill.inspect_notebook(str(plain))          # the names in its `parameters` cell
         papermill.execute_notebook(
             str(plain), str(done), kernel_name="python3", cwd=str(out), execution_timeout=timeout,
@@ -252,22 +257,9 @@ def student_lab(solution: Path = LAB_SOLUTION):
 def execute_lab(out: Path, preset: str = "tiny", seed: int = 0, timeout: int = 600) -> Path:
     """Run the lab's solution with papermill (the kernel in `out`, figures in out/results/lab_cgm); returns
     out/lab/lab_cgm_solution.ipynb. Any failing check stops the run with papermill's error."""
-    import jupytext
-    import papermill
     out = Path(out).resolve()
-    (out / "lab").mkdir(parents=True, exist_ok=True)
-    target = out / "lab" / f"{LAB_SOLUTION.stem}.ipynb"
-    _kernel_environment()
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        plain = Path(tmp) / f"{LAB_SOLUTION.stem}.ipynb"
-        jupytext.write(jupytext.read(LAB_SOLUTION), plain)
-        done = Path(tmp) / "done.ipynb"
-        papermill.execute_notebook(str(plain), str(done), kernel_name="python3", cwd=str(out),
-                                   execution_timeout=timeout, progress_bar=False,
-                                   parameters={"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{LAB_NAME}"})
-        clean_executed(done, out)
-        os.replace(done, target)
-    return target
+    offered = {"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{LAB_NAME}"}
+    return _papermill(LAB_SOLUTION, out / "lab" / f"{LAB_SOLUTION.stem}.ipynb", out, offered, timeout)
 
 
 def find_chromium() -> str | None:
