@@ -429,14 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="single-thread processes side by side (default 2)")
     ap.add_argument("--no-pdf", action="store_true", help="build the HTML book without the whole-book PDF "
-                    "(the PDF needs headless Chromium)")
+                    "(made by default when headless Chromium is found)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.what in ("notebooks", "all"):
         for p in execute_all(args.preset, out, args.only, args.seed, args.workers):
             print(f"executed {p.relative_to(out.resolve().parent) if p.is_relative_to(out.resolve().parent) else p}")
     if args.what in ("book", "all"):
-        html = build_book(out, pdf=not args.no_pdf)
+        pdf = not args.no_pdf and find_chromium() is not None
+        if not args.no_pdf and not pdf:
+            print("warning: no headless Chromium (Debian package `chromium`, or set CGM_CHROMIUM): the book is "
+                  "built without its PDF", file=sys.stderr)
+        html = build_book(out, pdf=pdf)
         print(f"book built: open {html / 'index.html'}")
     if args.what == "lab":
         import nbformat

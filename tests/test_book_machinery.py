@@ -56,7 +56,7 @@ def test_clean_executed_shows_parameters_once_and_strips_what_is_not_a_result(tm
 
 
 def test_machine_paths_are_found():
-    assert pipeline.machine_paths("see /tmp/abc/x.json and /work/main/y") == ["/tmp/abc/x.json", "/work/main/y"]
+    assert pipeline.machine_paths("see /tmp/abc/x.json and /Users/me/y") == ["/tmp/abc/x.json", "/Users/me/y"]
     assert pipeline.machine_paths("/home/me/.cache/x, /root/a") == ["/home/me/.cache/x", "/root/a"]
     assert pipeline.machine_paths("results/x/m.json, https://example.org/tmp/x, a/tmp/b") == []
 
@@ -92,3 +92,16 @@ def test_book_without_chromium_needs_no_pdf(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "find_chromium", lambda: None)
     with pytest.raises(RuntimeError, match="needs headless Chromium.*--no-pdf"):
         pipeline.build_book(tmp_path)
+
+
+def test_cli_builds_without_pdf_when_chromium_is_missing(tmp_path, monkeypatch, capsys):
+    """`python -m cgm_min.pipeline book` on a machine without Chromium warns and asks build_book for no PDF."""
+    calls = []
+    monkeypatch.setattr(pipeline, "find_chromium", lambda: None)
+    monkeypatch.setattr(pipeline, "build_book", lambda out, pdf: calls.append(pdf) or tmp_path / "html")
+    assert pipeline.main(["book", "--out", str(tmp_path)]) == 0
+    assert calls == [False] and "without its PDF" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "find_chromium", lambda: "chromium")
+    pipeline.main(["book", "--out", str(tmp_path)])
+    pipeline.main(["book", "--out", str(tmp_path), "--no-pdf"])
+    assert calls == [False, True, False]
