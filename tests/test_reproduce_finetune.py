@@ -110,3 +110,18 @@ def test_per_sample_loss_is_the_models_loss(setting):
         per = ft.per_sample_loss(model, b)
         ref = torch.stack([model(**enc.batch([s])).loss for s in samples])
     torch.testing.assert_close(per, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe_name, backbone", [("llava-1.5-7b-okvqa", "llava-1.5-7b"),
+                                                   ("qwen2.5-vl-3b-latex_ocr", "qwen2.5-vl-3b")])
+def test_trained_tensors_of_the_real_models(recipe_name, backbone):
+    """On the real architectures (meta device, no weights): the tensors the chain trains and measures are
+    the paper's merge set, the ones cgm-merge merges."""
+    from cgm_min.real.architectures import meta_model, parameter_counts
+    from cgm_min.real.architectures import merge_set_names as paper_merge_set
+    recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml", check_paths=False)
+    net = meta_model(backbone)
+    names = ft.merge_set_names(net, recipe.merge_set)
+    assert names == paper_merge_set(backbone, "in-memory")
+    params = dict(net.named_parameters())
+    assert sum(params[n].numel() for n in names) == parameter_counts(backbone)["merge_set"]

@@ -24,8 +24,8 @@ def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) 
     """({in-memory name: h_pt} of the recipe's merge set, metadata). Collective: call it on every process."""
     from accelerate.utils import reduce
     from .chain import process_state
-    from ..io.layouts import canonical_names
     from ..world import models as mm
+    from .finetune import merge_set_names
 
     state = process_state()
     cv = recipe.curvature
@@ -34,8 +34,7 @@ def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) 
     stored = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
     model, processor = mm.load_family(model_path, dtype=stored if cuda else torch.float32)
     model.to(state.device)
-    names = recipe.merge_set.resolve(cfg.get("model_type"),
-                                     list(canonical_names(cfg.get("model_type"), [n for n, _ in model.named_parameters()])))
+    names = merge_set_names(model, recipe.merge_set)
     enc = mm.Encoder(processor)
     params = dict(model.named_parameters())
     sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=state.device) for n in names}

@@ -181,17 +181,22 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def merge_set_names(model, merge_set) -> list[str]:
+    """The in-memory names of `model`'s parameters in the merge set, as cgm-merge resolves it (so the
+    trained, measured and merged tensors are the same ones)."""
+    names = [n for n, _ in model.named_parameters()]
+    return merge_set.resolve(model.config.model_type, names)
+
+
 def load_for_training(recipe, model_path):
     """(model, processor, trained names, the published dtype): the pre-trained checkpoint with only the
     merge set trainable (float32 on a GPU where the checkpoint is bf16)."""
-    from ..io.layouts import canonical_names
     from ..world import models as mm
     cuda = device_kind() == "cuda"
     cfg = mm.read_config(model_path)
     stored = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
     model, processor = mm.load_family(model_path, dtype=stored if cuda else torch.float32)
-    names = [n for n, _ in model.named_parameters()]
-    chosen = recipe.merge_set.resolve(cfg.get("model_type"), list(canonical_names(cfg.get("model_type"), names)))
+    chosen = merge_set_names(model, recipe.merge_set)
     chosen_set = set(chosen)
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen_set)
