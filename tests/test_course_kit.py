@@ -177,3 +177,17 @@ def test_shown_code_fits_the_page(path):
             long += [f"cell {i}: {len(line)} characters: {line[:60]}" for line in cell.source.splitlines()
                      if len(line) > 100]
     assert not long, f"{path.name}: code lines wider than the page:\n" + "\n".join(long[:10])
+
+
+def test_saved_files_are_readable_like_any_new_file(tmp_path, figure):
+    """Written through a private temporary file, but left with the permissions open() would give (a book
+    served by a web server must be readable by it)."""
+    import os
+    mask = os.umask(0o022)
+    try:
+        path = report.save_figure(figure, tmp_path, "fig-toy-mode")
+    finally:
+        os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in tmp_path.iterdir()), \
+        {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert path.is_file()
