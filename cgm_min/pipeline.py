@@ -275,8 +275,9 @@ def collect_slides(out: Path) -> Path:
     The folder is replaced as a whole (built next to it, then renamed). Two notebooks saving a figure of
     the same name is an error: a slide set has one figure per name.
     """
-    from .report import FIGURE_NAME, SLIDE_FORMATS
     import zipfile
+
+    from .report import FIGURE_NAME, SLIDE_FORMATS, _umask
     out = Path(out).resolve()
     found: dict[str, Path] = {}
     for path in sorted((out / "results").glob("*/fig-*")):
@@ -288,6 +289,7 @@ def collect_slides(out: Path) -> Path:
     slides = out / "slides"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".slides."))
     try:
+        tmp.chmod(0o777 & ~_umask())                  # as mkdir would make it (mkdtemp's is private)
         for name, path in found.items():
             shutil.copyfile(path, tmp / name)
         with zipfile.ZipFile(tmp / SLIDES_ZIP, "w", zipfile.ZIP_DEFLATED) as zf:

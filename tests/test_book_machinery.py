@@ -2,6 +2,7 @@
 the slide folder, the machine-path finder."""
 from __future__ import annotations
 
+import os
 import zipfile
 
 import nbformat
@@ -68,7 +69,12 @@ def test_collect_slides_gathers_vector_figures_into_one_folder(tmp_path):
         for name in names:
             for ext in ("png", "svg", "pdf"):
                 (folder / f"{name}.{ext}").write_bytes(f"{name}.{ext}".encode())
-    slides = pipeline.collect_slides(tmp_path)
+    mask = os.umask(0o022)
+    try:
+        slides = pipeline.collect_slides(tmp_path)
+    finally:
+        os.umask(mask)
+    assert slides.stat().st_mode & 0o777 == 0o755, "the slide folder is readable like any new folder"
     assert sorted(p.name for p in slides.iterdir()) == [
         pipeline.SLIDES_ZIP, "fig-hard-two.pdf", "fig-hard-two.svg", "fig-toy-one.pdf", "fig-toy-one.svg"]
     with zipfile.ZipFile(slides / pipeline.SLIDES_ZIP) as zf:
