@@ -1,6 +1,7 @@
 """The built book: offline build with -W, internal links resolve, nothing of the build machine leaks into the
 pages or the notebooks they serve, and in headless Chromium at 1280 px every page renders its equations
-(no raw TeX left), loads every figure at no more than its natural size, logs no JavaScript error, reaches
+(no raw TeX left), loads every figure at no more than its natural size and not so much smaller that its
+text cannot be read, logs no JavaScript error, reaches
 for no network, and has no code cell, output or equation wider than the page. A full-page screenshot of
 every page is saved in build/test-artifacts/ (or $CGM_ARTIFACTS)."""
 from __future__ import annotations
@@ -152,6 +153,11 @@ def browser():
 
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\\frac|\\alpha|\\lambda")
 
+# A notebook figure is drawn at 110 dpi (report.set_style): one 11 inches wide (two panels, the widest the
+# page conventions allow) is shown at 1280 px about 1.65 times smaller than drawn. A figure shrunk more than
+# this has text too small to read at 100 % zoom (a 15-inch figure: 2.2 times).
+MAX_SHRINK = 1.75
+
 # Run in the page after MathJax: open every toggle (hidden code counts too), then measure.
 MEASURE = """() => {
   document.querySelectorAll('details').forEach(d => d.open = true);
@@ -180,13 +186,16 @@ MEASURE = """() => {
       }
     }
   }
-  const upscaled = Array.from(document.querySelectorAll('main img'))
-    .filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > i.naturalWidth + 1)
-    .map(i => `${i.getAttribute('src')}: ${i.naturalWidth} px shown at ${Math.round(i.getBoundingClientRect().width)} px`);
+  const shown = i => i.getBoundingClientRect().width;
+  const loaded = Array.from(document.querySelectorAll('main img')).filter(i => i.complete && i.naturalWidth > 0);
+  const upscaled = loaded.filter(i => shown(i) > i.naturalWidth + 1)
+    .map(i => `${i.getAttribute('src')}: ${i.naturalWidth} px shown at ${Math.round(shown(i))} px`);
+  const shrunk = loaded.filter(i => shown(i) > 0 && i.naturalWidth > MAX_SHRINK * shown(i))
+    .map(i => `${i.getAttribute('src')}: ${i.naturalWidth} px shown at ${Math.round(shown(i))} px`);
   const images = Array.from(document.querySelectorAll('main img')).map(
     i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));
-  return {wide, upscaled, images};
-}"""
+  return {wide, upscaled, shrunk, images};
+}""".replace("MAX_SHRINK", str(MAX_SHRINK))
 
 
 def inspect_page(browser, path: Path, screenshot: Path | None = None, math: bool = False) -> dict:
@@ -224,6 +233,7 @@ def assert_page_is_clean(name: str, found: dict, figures: bool = False) -> None:
     problems += [f"reached for the network: {u}" for u in found["external"][:5]]
     problems += [f"wider than the page: {w}" for w in found["wide"]]
     problems += [f"figure upscaled (blurry): {u}" for u in found["upscaled"]]
+    problems += [f"figure shrunk more than {MAX_SHRINK}x (text unreadable): {u}" for u in found["shrunk"]]
     problems += [f"figure did not load: {i['src']}" for i in found["images"] if not i["ok"]]
     if found["math"] is not None:
         if found["math"] == 0:
@@ -257,8 +267,8 @@ def test_search_shows_snippets_offline(book, browser):
 
 
 def test_browser_check_catches_a_broken_page(book, browser, tmp_path):
-    """The checks can fail: a copy of a chapter with a long code line, a wide equation, a JavaScript error
-    and a figure stretched past its natural width is reported on each count."""
+    """The checks can fail: a copy of a chapter with a long code line, a wide equation, a JavaScript error,
+    a figure stretched past its natural width and one far too wide for the page is reported on each count."""
     src = book / "notebooks" / "01_toy_quadratics.html"
     soup = BeautifulSoup(src.read_text(encoding="utf-8"), "html.parser")
     article = soup.select_one("article.bd-article") or soup.find("main")
@@ -269,17 +279,23 @@ def test_browser_check_catches_a_broken_page(book, browser, tmp_path):
         + "\\]</div>"
         + f'<img src="../{next(book.glob("_images/*.png")).relative_to(book).as_posix()}" '
         'style="width: 4000px; max-width: none">'
+        + '<img src="../_images/_broken_wide.png">'
         + "<script>undefinedFunctionOfABrokenPage();</script>", "html.parser")
     article.append(broken)
     page = book / "notebooks" / "_broken_for_test.html"
+    wide = book / "_images" / "_broken_wide.png"        # a figure drawn 20 inches wide at 110 dpi
+    from PIL import Image
+    Image.new("RGB", (2200, 300), "white").save(wide)
     try:
         page.write_text(str(soup), encoding="utf-8")
         found = inspect_page(browser, page, screenshot=tmp_path / "broken.png", math=True)
     finally:
         page.unlink()
+        wide.unlink()
     assert any(w.startswith("code cell") for w in found["wide"]), found["wide"]
     assert any(w.startswith("equation") for w in found["wide"]), found["wide"]
     assert any("undefinedFunctionOfABrokenPage" in e for e in found["errors"]), found["errors"]
     assert found["upscaled"], "a stretched figure was not reported"
+    assert any("_broken_wide.png" in s for s in found["shrunk"]), "a 20-inch figure was not reported"
     with pytest.raises(AssertionError, match="wider than the page"):
         assert_page_is_clean("broken", found)
