@@ -172,4 +172,5 @@ def setup(app):
     app.connect("env-purge-doc", _purge_proof_titles)
     from sphinx_proof.domain import ProofDomain
     ProofDomain.indices = [_readable_proof_index()]
-    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True, "env_version": 1}
+    # Writing stays serial: the page texts for the search are gathered in this process while pages are written.
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": False, "env_version": 1}
