@@ -141,13 +141,15 @@ def _singlehtml_like_html(app) -> None:
 
 
 # ------------------------------------------------------------------------------ search snippets offline
-_TAG = re.compile(r"<(script|style)\b.*?</\1>|<[^>]+>", re.S)
+_TAG = re.compile(r"<(script|style)\b.*?</\1>|<a class=\"headerlink\".*?</a>|<[^>]+>", re.S)
+_MATH_DELIMITERS = re.compile(r"\\[()\[\]]")         # \( \) \[ \]: MathJax renders the page, not the snippet
 
 
 def _page_text(app, pagename, templatename, context, doctree) -> None:
     if doctree is None or app.builder.name != "html" or "body" not in context:
         return
-    text = re.sub(r"\s+", " ", html.unescape(_TAG.sub(" ", context["body"]))).strip()
+    text = _MATH_DELIMITERS.sub("", html.unescape(_TAG.sub(" ", context["body"])))
+    text = re.sub(r"\s+", " ", text).strip()
     if not hasattr(app.env, "cgm_page_text"):
         app.env.cgm_page_text = {}
     app.env.cgm_page_text[pagename] = text[:40_000]
