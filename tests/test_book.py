@@ -145,6 +145,24 @@ def test_no_machine_paths_or_stderr_in_site_or_downloads(book):
     assert not leaks, "the book leaks:\n" + "\n".join(leaks[:30])
 
 
+def test_no_text_glitches(book):
+    """No doubled reference prefix ("Eq. Eq.", the role writes "Eq."), and no table cell cut short with an
+    ellipsis (shorten on purpose instead)."""
+    glitches = []
+    for page in pages(book):
+        soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+        main = soup.find("main")
+        if main is None:
+            continue
+        text = re.sub(r"\s+", " ", main.get_text(" "))
+        glitches += [f"{page.relative_to(book)}: {m.group(0)!r}" for m in
+                     re.finditer(r"\b(Eq|Fig|Figure|Table)\.? \1\b", text)]
+        glitches += [f"{page.relative_to(book)}: cell cut short: {td.get_text(strip=True)[-40:]!r}"
+                     for td in main.select("table td, table th")
+                     if re.search(r"(\u2026|\.\.\.)$", td.get_text(strip=True))]
+    assert not glitches, "\n".join(glitches[:20])
+
+
 # --------------------------------------------------------------------------------------- in the browser
 @pytest.fixture(scope="module")
 def browser():
