@@ -107,7 +107,19 @@ def _papermill(src: Path, target: Path, out: Path, offered: dict, timeout: int) 
 
 # What a terminal would hide: ANSI colour codes, and everything before a carriage return on its line.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var/folders)/[^\s'\",;<>)\]]*")
+
+
+def _machine_path_pattern() -> re.Pattern:
+    """Absolute paths that belong to a build machine: under the folder holding this repository, the
+    temporary folder, the user's home, or the usual roots of home and temporary folders elsewhere."""
+    here = {str(ROOT.parent if ROOT.parent != ROOT.parent.parent else ROOT), tempfile.gettempdir(),
+            str(Path.home())}
+    prefixes = {p.rstrip("/") for p in here if p.rstrip("/")} | {"/home", "/Users", "/private", "/var/folders"}
+    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(rf"(?<![\w.])(?:{alternatives})/[^\s'\",;<>)\]]*")
+
+
+_MACHINE_PATH = _machine_path_pattern()
 
 
 def _last_frame(text: str) -> str:
@@ -195,7 +207,7 @@ def clean_executed(executed: Path, run_dir: Path | None = None) -> None:
 
 
 def machine_paths(text: str) -> list[str]:
-    """Absolute paths of a build machine found in `text` (/work, /tmp, /root, /home, ...): none may reach
+    """Absolute paths of a build machine found in `text` (see `_machine_path_pattern`): none may reach
     the book or the notebooks it serves."""
     return _MACHINE_PATH.findall(text)
 

@@ -3,7 +3,9 @@ the slide folder, the machine-path finder."""
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -57,9 +59,12 @@ def test_clean_executed_shows_parameters_once_and_strips_what_is_not_a_result(tm
 
 
 def test_machine_paths_are_found():
-    assert pipeline.machine_paths("see /tmp/abc/x.json and /Users/me/y") == ["/tmp/abc/x.json", "/Users/me/y"]
-    assert pipeline.machine_paths("/home/me/.cache/x, /root/a") == ["/home/me/.cache/x", "/root/a"]
-    assert pipeline.machine_paths("results/x/m.json, https://example.org/tmp/x, a/tmp/b") == []
+    tmp, home = tempfile.gettempdir(), str(Path.home())
+    here = str(pipeline.ROOT / "build" / "x.json")
+    assert pipeline.machine_paths(f"see {tmp}/abc/x.json and /Users/me/y") == [f"{tmp}/abc/x.json", "/Users/me/y"]
+    assert pipeline.machine_paths(f"/home/me/.cache/x, {home}/a") == ["/home/me/.cache/x", f"{home}/a"]
+    assert pipeline.machine_paths(f"written to {here}") == [here]
+    assert pipeline.machine_paths(f"results/x/m.json, https://example.org{tmp}/x, a{tmp}/b") == []
 
 
 def test_collect_slides_gathers_vector_figures_into_one_folder(tmp_path):
