@@ -289,7 +289,7 @@ def collect_slides(out: Path) -> Path:
     """
     import zipfile
 
-    from .report import FIGURE_NAME, SLIDE_FORMATS, _umask
+    from .report import FIGURE_NAME, SLIDE_FORMATS, _umask, replace_dir
     out = Path(out).resolve()
     found: dict[str, Path] = {}
     for path in sorted((out / "results").glob("*/fig-*")):
@@ -309,12 +309,7 @@ def collect_slides(out: Path) -> Path:
                 info = zipfile.ZipInfo(f"cgm-book-figures/{name}", date_time=(2020, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, (tmp / name).read_bytes())
-        old = out / ".slides.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if slides.exists():
-            slides.rename(old)
-        tmp.rename(slides)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, slides)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return slides
@@ -378,7 +373,7 @@ def print_pdf(html_file: Path, pdf: Path, chromium: str) -> Path:
 def build_book(out: Path, pdf: bool = True) -> Path:
     """Build the Jupyter Book (offline, warnings are errors) from book/ plus out/executed/*.ipynb.
 
-    The executed notebooks are cleaned (`clean_executed`) as they are staged, the chapters' vector figures
+    The executed notebooks come cleaned from `execute_notebook` (`clean_executed`), the chapters' vector figures
     are gathered into out/slides/ (`collect_slides`) and listed on the teaching page, and with `pdf` the
     whole book is printed by headless Chromium from Jupyter Book's single-page build into
     html/cgm-book.pdf, which the side bar of every page links. The sources are staged in a temporary
@@ -400,6 +395,8 @@ def build_book(out: Path, pdf: bool = True) -> Path:
                            "CGM_CHROMIUM); install it or build without the PDF (--no-pdf)")
     import nbformat
     import yaml
+
+    from .report import replace_dir
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         stage = Path(tmp) / "book"
@@ -408,8 +405,6 @@ def build_book(out: Path, pdf: bool = True) -> Path:
         shutil.copytree(executed, stage / "notebooks")
         (stage / "lab").mkdir()
         nbformat.write(student_lab(), stage / "lab" / f"{LAB_NAME}.ipynb")
-        for nb in sorted((stage / "notebooks").glob("*.ipynb")):
-            clean_executed(nb, out)
         slides = collect_slides(out)
         shutil.copytree(slides, stage / "slides")
         (stage / "slides" / "figures.md").write_text(_slides_page(slides))
@@ -423,13 +418,7 @@ def build_book(out: Path, pdf: bool = True) -> Path:
             _run_jupyter_book(stage, "singlehtml")
             root = yaml.safe_load((stage / "_toc.yml").read_text())["root"]
             print_pdf(stage / "_build" / "singlehtml" / f"{root}.html", built / BOOK_PDF, chromium)
-        html = out / "html"
-        old = out / ".html.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if html.exists():
-            html.rename(old)
-        shutil.move(str(built), html)
-        shutil.rmtree(old, ignore_errors=True)
+        html = replace_dir(built, out / "html")
     return html
 
 

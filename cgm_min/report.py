@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,6 +82,26 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put the finished folder `new` in the place of `final` (both on one file system): an existing `final`
+    is renamed aside, `new` renamed in, the old one removed; if the second rename fails the old one is put
+    back. `final` is never half written and never missing while it is replaced."""
+    new, final = Path(new), Path(final)
+    if not (final.exists() or final.is_symlink()):
+        new.rename(final)
+        return final
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    old.rmdir()
+    final.rename(old)
+    try:
+        new.rename(final)
+    except BaseException:
+        old.rename(final)
+        raise
+    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    return final
 
 
 def _umask() -> int:

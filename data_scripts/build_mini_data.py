@@ -43,7 +43,7 @@ try:
 except ImportError:      # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cgm_min.world import tasks as mt  # noqa: E402
-from cgm_min.report import file_sha256  # noqa: E402
+from cgm_min.report import file_sha256, replace_dir  # noqa: E402
 
 FORMAT_VERSION = 1
 TASK_PREFIX = "mini_"
@@ -248,17 +248,7 @@ def build(out: str | os.PathLike, n_heldout: int = 200, n_calibration: int = 64,
                 raise FileExistsError(
                     f"{out} exists and does not hold this build: " + "; ".join(_differences(old, manifest))
                     + ". Pass --force (force=True) to replace it.")
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old_dir.rmdir()
-            out.rename(old_dir)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old_dir.rename(out)          # put the previous contents back
-                raise
-            shutil.rmtree(old_dir) if old_dir.is_dir() else old_dir.unlink()
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,3 +68,20 @@ def test_figure_cells_without_image_are_found(tmp_path):
     nb.cells = [shown, blank, nbformat.v4.new_code_cell("x = 1")]
     nbformat.write(nb, tmp_path / "nb.ipynb")
     assert pipeline.figures_without_image(tmp_path / "nb.ipynb") == ["fig-blank"]
+
+
+def test_replace_dir_swaps_whole_folders_and_restores_on_failure(tmp_path):
+    final = tmp_path / "html"
+    first = tmp_path / "new1"
+    first.mkdir()
+    (first / "a.txt").write_text("one")
+    assert report.replace_dir(first, final) == final and (final / "a.txt").read_text() == "one"
+    second = tmp_path / "new2"
+    second.mkdir()
+    (second / "b.txt").write_text("two")
+    report.replace_dir(second, final)
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    with pytest.raises(FileNotFoundError):
+        report.replace_dir(tmp_path / "missing", final)           # the second rename fails
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"], "the previous folder is put back"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["html"], "no folder left aside"

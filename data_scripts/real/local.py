@@ -15,13 +15,14 @@ unlisted file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from cgm_min.report import file_sha256, replace_dir
 
 FORMAT = 1
 TARGETS = ("okvqa", "flickr30k", "latex_ocr", "calibration")
@@ -37,14 +38,6 @@ def image_ext(data: bytes) -> str:
         if data.startswith(magic):
             return ext
     raise ValueError(f"image bytes of an unknown format (starting {data[:8]!r})")
-
-
-def sha256_path(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Example(dict):
@@ -104,18 +97,10 @@ def write_target(data_dir: str | os.PathLike, target: str, source: str,
             f.close()
         if not counts:
             raise ValueError(f"{target}: the source holds no example")
-        sha = {p.relative_to(tmp).as_posix(): sha256_path(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        sha = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "target": target, "source": source, "splits": counts, "sha256": sha}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target}.old.", dir=data_dir))
-            old.rmdir()
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        return final
+        return replace_dir(tmp, final)
     except BaseException:
         for f in files.values():
             f.close()
@@ -146,7 +131,7 @@ def verify(data_dir: str | os.PathLike, target: str) -> dict:
         p = folder / rel
         if not p.is_file():
             raise ValueError(f"{target}: {rel} is listed in {MANIFEST} but missing")
-        if sha256_path(p) != digest:
+        if file_sha256(p) != digest:
             raise ValueError(f"{target}: {rel} does not match its checksum in {MANIFEST} (changed since prepared)")
     listed = set(m["sha256"]) | {MANIFEST}
     extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
