@@ -25,14 +25,11 @@ def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) 
     from accelerate.utils import reduce
     from .chain import process_state
     from ..world import models as mm
-    from .finetune import merge_set_names
+    from .finetune import load_published, merge_set_names
 
     state = process_state()
     cv = recipe.curvature
-    cfg = mm.read_config(model_path)
-    cuda = state.device.type == "cuda"
-    stored = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
-    model, processor = mm.load_family(model_path, dtype=stored if cuda else torch.float32)
+    model, processor, _ = load_published(model_path, cuda=state.device.type == "cuda")
     model.to(state.device)
     names = merge_set_names(model, recipe.merge_set)
     enc = mm.Encoder(processor)

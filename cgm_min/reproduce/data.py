@@ -78,5 +78,4 @@ def read_split(data_dir: str | Path, target: str, split: str, limit: int | None 
 def verify(data_dir: str | Path, target: str) -> dict:
     """The target's manifest after `data_scripts.real.verify` checked every file's SHA-256."""
     from data_scripts.real import verify as verify_files
-    verify_files(data_dir, target)
-    return json.loads((Path(data_dir) / target / "manifest.json").read_text())
+    return verify_files(data_dir, target)

@@ -188,14 +188,20 @@ def merge_set_names(model, merge_set) -> list[str]:
     return merge_set.resolve(model.config.model_type, names)
 
 
-def load_for_training(recipe, model_path):
-    """(model, processor, trained names, the published dtype): the pre-trained checkpoint with only the
-    merge set trainable (float32 on a GPU where the checkpoint is bf16)."""
+def load_published(model_path, cuda: bool):
+    """(model, processor, the checkpoint's published dtype): loaded in that dtype on a GPU, in float32 on the
+    CPU."""
     from ..world import models as mm
-    cuda = device_kind() == "cuda"
     cfg = mm.read_config(model_path)
     stored = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32)
     model, processor = mm.load_family(model_path, dtype=stored if cuda else torch.float32)
+    return model, processor, stored
+
+
+def load_for_training(recipe, model_path):
+    """(model, processor, trained names, the published dtype): the pre-trained checkpoint with only the
+    merge set trainable (float32 on a GPU where the checkpoint is bf16)."""
+    model, processor, stored = load_published(model_path, cuda=device_kind() == "cuda")
     chosen = merge_set_names(model, recipe.merge_set)
     chosen_set = set(chosen)
     for n, p in model.named_parameters():
