@@ -177,23 +177,24 @@ def _yaml_loader():
     return yaml, Loader
 
 
-def load_config(path: str | os.PathLike) -> MergeConfig:
-    """Read and check a YAML config file (one-line errors for every kind of bad file)."""
+def read_yaml(path: str | os.PathLike, kind: str = "config") -> tuple[Any, str]:
+    """(data, text) of a small YAML file (a merge config, a recipe), every kind of bad file one line:
+    missing, a folder, over 1 MiB, not UTF-8, invalid or too deeply nested YAML, a duplicate key."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no config file {path}")
+        raise FileNotFoundError(f"no {kind} file {path}")
     if not path.is_file():
-        raise IsADirectoryError(f"config {path} is not a file")
+        raise IsADirectoryError(f"{kind} {path} is not a file")
     raw = path.read_bytes()
     if len(raw) > 1 << 20:
-        raise ValueError(f"{path}: a config of {len(raw)} bytes is not a merge config (limit 1 MiB)")
+        raise ValueError(f"{path}: a {kind} of {len(raw)} bytes is too large (limit 1 MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file (not UTF-8)") from None
     yaml, Loader = _yaml_loader()
     try:
-        data = yaml.load(text, Loader=Loader)
+        return yaml.load(text, Loader=Loader), text
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -201,6 +202,12 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
         raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
     except (RecursionError, MemoryError):
         raise ValueError(f"{path}: invalid YAML: nested too deeply") from None
+
+
+def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and check a YAML config file (one-line errors for every kind of bad file)."""
+    path = Path(path)
+    data, text = read_yaml(path, "config")
     try:
         return parse_config(data, path.parent, path, text)
     except ValueError as err:

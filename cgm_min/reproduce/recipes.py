@@ -325,17 +325,10 @@ def parse_recipe(data: Any, base_dir: str | os.PathLike = ".", where: str = "rec
 
 def load_recipe(path: str | os.PathLike, check_paths: bool = True) -> Recipe:
     """Read and check a recipe file; every problem is one line naming the file."""
-    from ..io.merge_config import _yaml_loader
+    from ..io.merge_config import read_yaml
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no recipe file {path}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file (not UTF-8)") from None
-    yaml, Loader = _yaml_loader()
-    try:
-        data = yaml.load(text, Loader=Loader)
-    except yaml.YAMLError as err:                 # PyYAML's message names the line; one line here
-        raise RecipeError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+        data, text = read_yaml(path, "recipe")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     return parse_recipe(data, path.parent.resolve(), str(path), check_paths, path.resolve(), text)
