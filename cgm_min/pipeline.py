@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,6 +281,42 @@ def find_chromium() -> str | None:
     return os.environ.get("CGM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+# Headless Chromium kept offline: no GPU, no first-run or background fetches (updates, sync, QUIC probes).
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@contextmanager
+def offline_chromium(chromium: str):
+    """Headless Chromium at `chromium` (see `find_chromium`) under playwright, launched with CHROMIUM_ARGS;
+    yields the browser and closes it on exit. Open its pages with `offline_page`. Used by `print_pdf` and
+    by the book's browser tests."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=list(CHROMIUM_ARGS))
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def offline_page(browser, refused: list[str] | None = None, **options):
+    """A new page of `browser` (playwright's `new_page(**options)`) on which every request that is not a
+    local file is refused; the refused URLs are appended to `refused` when it is given."""
+    page = browser.new_page(**options)
+
+    def local_only(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+            return
+        if refused is not None:
+            refused.append(route.request.url)
+        route.abort()
+
+    page.route("**/*", local_only)
+    return page
+
+
 def collect_slides(out: Path) -> Path:
     """Gather every chapter's vector figures (results/<notebook>/fig-*.svg and .pdf, written by
     `report.save_figure`) into one flat folder out/slides/, with a zip of them all; returns the folder.
@@ -345,28 +382,19 @@ def _run_jupyter_book(stage: Path, builder: str) -> None:
 
 def print_pdf(html_file: Path, pdf: Path, chromium: str) -> Path:
     """Print one HTML file (the single-page book) to `pdf` with headless Chromium, offline: every request
-    that is not a local file is refused. A4, backgrounds on, the PDF's outline from the headings."""
-    from playwright.sync_api import sync_playwright
-
+    that is not a local file is refused (`offline_chromium`, `offline_page`). A4, backgrounds on, the PDF's
+    outline from the headings."""
     from .report import atomic_write
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page()
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
-                       else route.abort())
-            page.goto(Path(html_file).resolve().as_uri(), wait_until="load")
-            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-                                   timeout=60000)
-            page.evaluate("() => MathJax.startup.promise")
-            page.emulate_media(media="print")
-            margin = {"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"}
-            atomic_write(pdf, lambda tmp: page.pdf(path=tmp, format="A4", print_background=True, outline=True,
-                                                   tagged=True, margin=margin))
-        finally:
-            browser.close()
+    with offline_chromium(chromium) as browser:
+        page = offline_page(browser)
+        page.goto(Path(html_file).resolve().as_uri(), wait_until="load")
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                               timeout=60000)
+        page.evaluate("() => MathJax.startup.promise")
+        page.emulate_media(media="print")
+        margin = {"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"}
+        atomic_write(pdf, lambda tmp: page.pdf(path=tmp, format="A4", print_background=True, outline=True,
+                                               tagged=True, margin=margin))
     return pdf
 
 

@@ -170,13 +170,8 @@ def browser():
         if os.environ.get("CGM_REQUIRE_BROWSER"):
             pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
         pytest.skip("headless chromium not installed (Debian package `chromium`)")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    with pipeline.offline_chromium(CHROMIUM) as b:
         yield b
-        b.close()
 
 
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\\frac|\\alpha|\\lambda")
@@ -229,12 +224,10 @@ MEASURE = """() => {
 def inspect_page(browser, path: Path, screenshot: Path | None = None, math: bool = False) -> dict:
     """Open `path` at 1280 px; returns what went wrong: JavaScript errors, network requests, overflowing
     elements, upscaled or broken images and (with `math`) raw TeX left."""
-    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
     errors, external = [], []
+    page = pipeline.offline_page(browser, refused=external, viewport={"width": WIDTH, "height": 900})
     page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
     page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-    page.route("**/*", lambda route: (external.append(route.request.url), route.abort())
-               if not route.request.url.startswith("file:") else route.continue_())
     page.goto(path.as_uri())
     page.wait_for_load_state("load")
     found = {"math": None, "raw_tex": []}

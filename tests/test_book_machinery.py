@@ -1,5 +1,5 @@
 """The book build's machinery on fabricated inputs (fast): executed notebooks cleaned for show and download,
-the slide folder, the machine-path finder."""
+the slide folder, the machine-path finder, the offline headless Chromium that prints the PDF."""
 from __future__ import annotations
 
 import os
@@ -116,3 +116,37 @@ def test_cli_builds_without_pdf_when_chromium_is_missing(tmp_path, monkeypatch, 
     pipeline.main(["book", "--out", str(tmp_path)])
     pipeline.main(["book", "--out", str(tmp_path), "--no-pdf"])
     assert calls == [False, True, False]
+
+
+def chromium_or_skip() -> str:
+    chromium = pipeline.find_chromium()
+    if chromium is None:
+        if os.environ.get("CGM_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
+        pytest.skip("headless chromium not installed (Debian package `chromium`)")
+    return chromium
+
+
+# A page that reaches for the network twice and has a stand-in for MathJax (print_pdf waits for it).
+OFFLINE_PAGE = """<!DOCTYPE html><html><head><title>t</title>
+<link rel="stylesheet" href="https://cdn.example.org/theme.css">
+<script>window.MathJax = {startup: {promise: Promise.resolve()}};</script></head>
+<body><h1>Offline page</h1><img src="https://example.org/figure.png" alt="x"></body></html>"""
+
+
+def test_offline_chromium_refuses_the_network_and_prints(tmp_path):
+    """The one Chromium set-up print_pdf and the browser tests share: requests that are not local files are
+    refused (and listed), local ones load, and print_pdf writes the page as a PDF."""
+    chromium = chromium_or_skip()
+    page_file = tmp_path / "page.html"
+    page_file.write_text(OFFLINE_PAGE, encoding="utf-8")
+    refused = []
+    with pipeline.offline_chromium(chromium) as browser:
+        page = pipeline.offline_page(browser, refused=refused, viewport={"width": 800, "height": 600})
+        page.goto(page_file.as_uri(), wait_until="load")
+        assert page.locator("h1").inner_text() == "Offline page", "a local file must load"
+        page.close()
+    assert sorted(refused) == ["https://cdn.example.org/theme.css", "https://example.org/figure.png"]
+    pdf = pipeline.print_pdf(page_file, tmp_path / "out" / "page.pdf", chromium)
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in pdf.parent.iterdir()) == ["page.pdf"], "no temporary file may be left"
