@@ -243,3 +243,34 @@ def test_cli_prints_counts_and_plan(capsys):
     assert run(main, ["llava-13b"]) == 2
     assert capsys.readouterr().err.strip() == ("error: unknown real model 'llava-13b'; choose one of "
                                               "llava-1.5-7b, qwen2.5-vl-3b")
+
+
+def test_offline_mode_only_where_models_are_built(tmp_path):
+    """Importing the module leaves HF_HUB_OFFLINE alone; meta_model builds both models with the hub off and
+    no network connection attempted, and restores the setting; the command sets it for itself."""
+    import subprocess
+    import sys
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, socket\n"
+        "tried = []\n"
+        "def refuse(self, addr):\n"
+        "    tried.append(addr)\n"
+        "    raise OSError('no network in this test')\n"
+        "socket.socket.connect = refuse\n"
+        "from cgm_min.real import architectures as ra\n"
+        "assert 'HF_HUB_OFFLINE' not in os.environ, 'set by importing the module'\n"
+        "from huggingface_hub import constants\n"
+        "with ra.hub_offline():\n"
+        "    assert os.environ['HF_HUB_OFFLINE'] == '1' and constants.is_offline_mode()\n"
+        "assert 'HF_HUB_OFFLINE' not in os.environ and not constants.is_offline_mode()\n"
+        "for name in ra.REAL_MODELS:\n"
+        "    ra.meta_model(name)\n"
+        "assert 'HF_HUB_OFFLINE' not in os.environ and not tried, tried\n"
+        "print('ok')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    r = subprocess.run([sys.executable, probe], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    main = (Path(ra.__file__).parent / "__main__.py").read_text()
+    assert 'os.environ.setdefault("HF_HUB_OFFLINE", "1")' in main.split('if __name__ == "__main__":')[1]

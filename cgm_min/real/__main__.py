@@ -4,6 +4,7 @@ folder, removed afterwards)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from typing import Sequence
@@ -45,4 +46,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")       # the command never fetches; set before any hub import
     sys.exit(run(main))

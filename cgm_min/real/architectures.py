@@ -23,6 +23,7 @@ the miniatures store LLaVA's CLIP tower as `vision_tower.*`, the hub as `vision_
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -33,8 +34,6 @@ from typing import Mapping
 import torch
 
 from ..io.layouts import PRESETS, MergeSet, canonical_names, layer_of
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LAYOUTS = ("original", "in-memory")
 
@@ -102,6 +101,26 @@ def stored_dtype(name: str) -> torch.dtype:
     return getattr(torch, config_dict(name)["torch_dtype"])
 
 
+@contextlib.contextmanager
+def hub_offline():
+    """Hub requests refused inside the block (HF_HUB_OFFLINE=1), restored after; importing this module
+    changes nothing. huggingface_hub reads the variable once, when it is imported, so its constant (what
+    transformers asks through `is_offline_mode`) is set for the block too."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
 def meta_model(name: str, layout: str | None = None):
     """The transformers model of `name` on the meta device, in the published dtype (no weights, no memory).
 
@@ -110,10 +129,11 @@ def meta_model(name: str, layout: str | None = None):
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     import transformers
-    cfg = real_config(name)
-    cls = getattr(transformers, cfg.architectures[0])
-    with torch.device("meta"):
-        net = cls(cfg)
+    with hub_offline():                     # built from the shipped config: nothing is fetched
+        cfg = real_config(name)
+        cls = getattr(transformers, cfg.architectures[0])
+        with torch.device("meta"):
+            net = cls(cfg)
     return net.to(stored_dtype(name))
 
 
