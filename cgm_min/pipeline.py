@@ -398,6 +398,17 @@ def print_pdf(html_file: Path, pdf: Path, chromium: str) -> Path:
     return pdf
 
 
+def link_pdf(config_file: Path) -> None:
+    """Name the whole-book PDF, BOOK_PDF, in the staged book's `_config.yml` as html_context["book_pdf"],
+    which the side bar's template (_templates/cgm-book-links.html) links; book/_config.yml does not name it,
+    so a book built without the PDF has no link to it."""
+    import yaml
+    config = yaml.safe_load(Path(config_file).read_text())
+    context = config.setdefault("sphinx", {}).setdefault("config", {}).setdefault("html_context", {})
+    context["book_pdf"] = BOOK_PDF
+    Path(config_file).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def build_book(out: Path, pdf: bool = True) -> Path:
     """Build the Jupyter Book (offline, warnings are errors) from book/ plus out/executed/*.ipynb.
 
@@ -436,10 +447,8 @@ def build_book(out: Path, pdf: bool = True) -> Path:
         slides = collect_slides(out)
         shutil.copytree(slides, stage / "slides")
         (stage / "slides" / "figures.md").write_text(_slides_page(slides))
-        if not pdf:
-            config = yaml.safe_load((stage / "_config.yml").read_text())
-            config["sphinx"]["config"].get("html_context", {}).pop("book_pdf", None)
-            (stage / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if pdf:
+            link_pdf(stage / "_config.yml")
         _run_jupyter_book(stage, "html")
         built = stage / "_build" / "html"
         if pdf:

@@ -114,6 +114,21 @@ def test_reference_apparatus(book):
     assert all(name in teaching for name in pngs), "the teaching page lists every slide figure"
 
 
+def test_side_bar_links_the_pdf_the_build_wrote(book):
+    """Every page's side bar links the whole-book PDF the build wrote (a nested page too), and a book built
+    without Chromium has neither the PDF nor a link to it."""
+    for name in ["intro.html", "notebooks/01_toy_quadratics.html"]:
+        soup = BeautifulSoup((book / name).read_text(encoding="utf-8"), "html.parser")
+        links = [a["href"] for a in soup.select("nav.cgm-book-links a.cgm-pdf")]
+        if CHROMIUM is None:
+            assert not links and not (book / pipeline.BOOK_PDF).exists(), f"{name}: a PDF without Chromium"
+            continue
+        assert len(links) == 1, f"{name}: {len(links)} PDF links in the side bar"
+        target = (book / name).parent / unquote(links[0])
+        assert target.resolve() == (book / pipeline.BOOK_PDF).resolve() and target.is_file(), \
+            f"{name}: the side bar links {links[0]}, not the PDF the build wrote ({pipeline.BOOK_PDF})"
+
+
 # ------------------------------------------------------------------ what the book serves leaks nothing
 PROGRESS = re.compile(r"\d+%\|[^|\n]*\||\d+(\.\d+)?\s?(it|s)/(s|it)\]|\x1b\[")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from cgm_min import pipeline
 
@@ -150,3 +151,46 @@ def test_offline_chromium_refuses_the_network_and_prints(tmp_path):
     pdf = pipeline.print_pdf(page_file, tmp_path / "out" / "page.pdf", chromium)
     assert pdf.read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in pdf.parent.iterdir()) == ["page.pdf"], "no temporary file may be left"
+
+
+def fake_book_build(tmp_path, monkeypatch, pdf: bool) -> dict:
+    """build_book on empty executed notebooks, with Jupyter Book and Chromium replaced by stand-ins: what
+    each builder's staged _config.yml put in html_context, and the PDF print_pdf was asked to write."""
+    (tmp_path / "executed").mkdir(parents=True)
+    for name in pipeline.notebook_names():
+        nbformat.write(nbformat.v4.new_notebook(), tmp_path / "executed" / f"{name}.ipynb")
+    seen = {"context": {}, "pdf": None}
+
+    def jupyter_book(stage, builder):
+        config = yaml.safe_load((stage / "_config.yml").read_text())
+        seen["context"][builder] = config["sphinx"]["config"].get("html_context", {})
+        (stage / "_build" / builder).mkdir(parents=True)
+        (stage / "_build" / builder / "index.html").write_text("<html></html>")
+
+    def print_pdf(html_file, target, chromium):
+        seen["pdf"] = target
+        target.write_bytes(b"%PDF-")
+        return target
+
+    monkeypatch.setattr(pipeline, "find_chromium", lambda: "chromium")
+    monkeypatch.setattr(pipeline, "_run_jupyter_book", jupyter_book)
+    monkeypatch.setattr(pipeline, "print_pdf", print_pdf)
+    seen["html"] = pipeline.build_book(tmp_path, pdf=pdf)
+    return seen
+
+
+def test_side_bar_pdf_link_names_the_file_the_build_writes(tmp_path, monkeypatch):
+    """BOOK_PDF is the one name of the PDF: book/_config.yml does not name it; the build puts it in
+    html_context (the side bar's link) when it prints the PDF there, and leaves it out with --no-pdf."""
+    source = yaml.safe_load((pipeline.BOOK_DIR / "_config.yml").read_text())
+    assert "book_pdf" not in source["sphinx"]["config"].get("html_context", {}), \
+        "book/_config.yml names the PDF; the build sets it from pipeline.BOOK_PDF"
+    seen = fake_book_build(tmp_path / "with", monkeypatch, pdf=True)
+    assert seen["context"]["html"]["book_pdf"] == pipeline.BOOK_PDF
+    assert seen["context"]["html"]["default_mode"] == "light", "the rest of html_context is kept"
+    assert seen["context"]["singlehtml"] == seen["context"]["html"], "the PDF's pages get the same context"
+    assert seen["pdf"].name == seen["context"]["html"]["book_pdf"]
+    assert (seen["html"] / seen["context"]["html"]["book_pdf"]).is_file(), "the link points at the PDF written"
+    seen = fake_book_build(tmp_path / "without", monkeypatch, pdf=False)
+    assert list(seen["context"]) == ["html"] and "book_pdf" not in seen["context"]["html"]
+    assert seen["pdf"] is None and not (seen["html"] / pipeline.BOOK_PDF).exists()
