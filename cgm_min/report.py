@@ -153,17 +153,12 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str, *, slides: tuple[str
     """Save a matplotlib figure as OUT_DIR/<name>.png for the page and, for slides, as vector files
     OUT_DIR/<name>.svg and OUT_DIR/<name>.pdf (`slides=()` writes the PNG alone). Returns the PNG's path.
 
-    `name` follows fig-<chapter>-<what> (see `check_figure_name`; a name starting with "fig-" that breaks
-    the scheme is refused); the build collects every chapter's vector files into one slide folder. An older
-    name without the "fig-" prefix is still saved, with a warning, and is left out of the slide folder.
-    Each file is written atomically, and the vector files carry no date, so a rerun with the same numbers
-    writes the same bytes.
+    `name` follows fig-<chapter>-<what>, or nothing is written and a ValueError says what is wrong (see
+    `check_figure_name`); the build collects every chapter's vector files into one slide folder. Each file
+    is written atomically, and the vector files carry no date, so a rerun with the same numbers writes the
+    same bytes.
     """
-    if name.startswith("fig-"):
-        check_figure_name(name)
-    else:
-        import warnings
-        warnings.warn(f"figure name {name!r} does not follow fig-<chapter>-<what>", stacklevel=2)
+    check_figure_name(name)
     unknown = sorted(set(slides) - set(SLIDE_FORMATS))
     if unknown:
         raise ValueError(f"unknown slide formats {unknown}; choose from {list(SLIDE_FORMATS)}")

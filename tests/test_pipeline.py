@@ -85,3 +85,21 @@ def test_replace_dir_swaps_whole_folders_and_restores_on_failure(tmp_path):
         report.replace_dir(tmp_path / "missing", final)           # the second rename fails
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"], "the previous folder is put back"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["html"], "no folder left aside"
+
+
+def test_save_figure_refuses_a_name_outside_the_scheme(tmp_path):
+    """A figure name without the fig-<chapter>-<what> scheme (the older names without "fig-" too) is a
+    one-line ValueError naming it, and nothing is written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [1, 0])
+    try:
+        for bad in ["toy_landscapes", "landscapes", "Fig-toy-x"]:
+            with pytest.raises(ValueError, match=f"figure name '{bad}' does not follow fig-<chapter>-<what>") as err:
+                report.save_figure(fig, tmp_path, bad)
+            assert "\n" not in str(err.value), "the error is one line"
+    finally:
+        plt.close(fig)
+    assert list(tmp_path.iterdir()) == [], "a refused name writes nothing"
