@@ -194,3 +194,44 @@ def test_side_bar_pdf_link_names_the_file_the_build_writes(tmp_path, monkeypatch
     seen = fake_book_build(tmp_path / "without", monkeypatch, pdf=False)
     assert list(seen["context"]) == ["html"] and "book_pdf" not in seen["context"]["html"]
     assert seen["pdf"] is None and not (seen["html"] / pipeline.BOOK_PDF).exists()
+
+
+PROOF_PAGE = """{title}
+=====
+
+.. prf:{kind}:: {name}
+   :label: {label}
+
+   Some text.
+"""
+
+
+def test_proof_index_titles_follow_edits_and_removals(tmp_path):
+    """The book's extension keeps one (page, kind, title) per proof label: on an incremental rebuild an
+    edited page's old labels are gone, other pages' stay, and a removed page takes its labels with it."""
+    from sphinx.application import Sphinx
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "conf.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(pipeline.BOOK_DIR / '_ext')!r})\n"
+        "extensions = ['sphinx_proof', 'cgm_book']\nexclude_patterns = ['_build']\n")
+    (src / "index.rst").write_text("Index\n=====\n\n.. toctree::\n   :glob:\n\n   *\n")
+
+    def page(doc, kind, name, label):
+        (src / f"{doc}.rst").write_text(PROOF_PAGE.format(title=doc, kind=kind, name=name, label=label))
+
+    def build():
+        app = Sphinx(src, src, tmp_path / "out", tmp_path / "doctrees", "html", status=None, warning=None,
+                     freshenv=False)
+        app.build()
+        return app.env.cgm_proof_titles
+
+    page("a", "proposition", "First", "prop-first")
+    page("b", "remark", "Kept", "rem-kept")
+    assert build() == {"prop-first": ("a", "proposition", "First"), "rem-kept": ("b", "remark", "Kept")}
+    page("a", "proposition", "Second", "prop-second")
+    assert build() == {"prop-second": ("a", "proposition", "Second"), "rem-kept": ("b", "remark", "Kept")}
+    index = (tmp_path / "out" / "prf-prf.html").read_text(encoding="utf-8")
+    assert "Proposition: Second" in index and "Remark: Kept" in index and "First" not in index
+    (src / "b.rst").unlink()
+    assert build() == {"prop-second": ("a", "proposition", "Second")}

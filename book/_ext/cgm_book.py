@@ -82,16 +82,16 @@ def _register_author_year_style() -> None:
 
 
 # ------------------------------------------------------------------------------------ readable proof index
+# env.cgm_proof_titles: label -> (docname, kind, title). Sphinx emits env-purge-doc for every page before
+# it reads it again (and for every page removed), so a page's old entries go there, and only there.
 def _collect_proof_titles(app, doctree) -> None:
     env = app.env
     titles = getattr(env, "cgm_proof_titles", {})
-    docname = env.docname
-    titles = {k: v for k, v in titles.items() if v[0] != docname}
     for node in doctree.findall(nodes.Element):
         if "realtype" in node.attributes and node.get("label"):
             title = node.get("title", "").strip()
             title = title[1:-1].strip() if title.startswith("(") and title.endswith(")") else title
-            titles[node["label"]] = (docname, node["realtype"], title)
+            titles[node["label"]] = (env.docname, node["realtype"], title)
     env.cgm_proof_titles = titles
 
 
