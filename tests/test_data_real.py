@@ -420,3 +420,25 @@ def test_the_chain_reads_what_is_prepared(tmp_path):
     export_miniature("calibration", "calibration", tmp_path / "d", n=2)
     cal = data.read_split(tmp_path / "d", "calibration", "calibration")
     assert len(cal) == 2 * len({r.task for r in cal}) and all(r.task for r in cal)
+
+
+def test_one_parser_of_data_jsonl(tmp_path, monkeypatch):
+    """The chain's reader parses data.jsonl through data_scripts.real.local's parser (one copy): bad lines are
+    named by their line number in one line, blank lines skipped, `limit` stops reading."""
+    from cgm_min.reproduce import data
+    from data_scripts.real import local
+    split = tmp_path / "t" / "train"
+    split.mkdir(parents=True)
+    good = json.dumps({"id": "a", "image": None, "question": "q?", "answers": ["x", "y"]})
+    (split / "data.jsonl").write_text(f"{good}\n\n{good}\n")
+    calls = []
+    real = local.iter_numbered
+    monkeypatch.setattr(local, "iter_numbered", lambda folder: calls.append(folder) or real(folder))
+    assert [r.answers for r in data.read_split(tmp_path, "t", "train")] == [("x", "y"), ("x", "y")]
+    assert len(data.read_split(tmp_path, "t", "train", limit=1)) == 1 and calls == [split, split]
+    for bad, msg in (("{not json", "line 3 is not valid JSON"), ('{"id": "b", "question": "q"}', "line 3: not a record"),
+                     ("[1, 2]", "line 3: not a record")):
+        (split / "data.jsonl").write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(ValueError, match=msg) as err:
+            data.read_split(tmp_path, "t", "train")
+        assert "\n" not in str(err.value)

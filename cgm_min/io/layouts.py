@@ -129,6 +129,13 @@ class MergeSet:
     last_layers: int | None = None
     patterns: tuple[str, ...] = ()
 
+    def as_dict(self) -> dict:
+        """The merge_set mapping of a cgm-merge config or a recipe: {preset[, last_layers]} or {patterns}."""
+        if self.preset:
+            return {"preset": self.preset, **({"last_layers": self.last_layers} if self.last_layers is not None
+                                              else {})}
+        return {"patterns": list(self.patterns)}
+
     def describe(self) -> str:
         if self.preset:
             p = PRESETS[self.preset]

@@ -53,9 +53,7 @@ class MergeConfig:
             d["curvature"] = {"pre_trained": self.curvature_pt, "fine_tuned": self.curvature_ft}
         d["method"] = self.method
         d["parameters"] = dict(self.parameters)
-        ms = self.merge_set
-        d["merge_set"] = ({"preset": ms.preset, **({"last_layers": ms.last_layers} if ms.last_layers is not None
-                                                   else {})} if ms.preset else {"patterns": list(ms.patterns)})
+        d["merge_set"] = self.merge_set.as_dict()
         d["dtype"] = self.dtype
         return d
 

@@ -49,6 +49,14 @@ INDEX_NAMES = ("model.safetensors.index.json",)
 SINGLE_NAMES = ("model.safetensors",)
 
 
+def numel(shape) -> int:
+    """Entries of a tensor of `shape` (1 for a scalar)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype ("BF16" for torch.bfloat16)."""
     if dtype not in CODE_OF:
@@ -72,10 +80,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def is_float(self) -> bool:

@@ -34,6 +34,7 @@ from typing import Mapping
 import torch
 
 from ..io.layouts import PRESETS, MergeSet, canonical_names, layer_of
+from ..io.reader import numel as _numel
 
 LAYOUTS = ("original", "in-memory")
 
@@ -188,13 +189,6 @@ def merge_set_names(name: str, layout: str = "in-memory", last_layers: int | Non
     canonical = canonical_names(m.model_type, stored, name)          # {in-memory: stored}
     chosen = MergeSet(preset=m.preset, last_layers=last_layers).resolve(m.model_type, list(canonical))
     return [canonical[c] for c in chosen]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def parameter_counts(name: str) -> dict[str, int]:

@@ -28,7 +28,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..io.reader import DTYPES
+from ..io.layouts import MergeSet
+from ..io.reader import DTYPES, numel
 from ..io.writer import build_header, index_json
 from .architectures import config_text, get_real, merge_set_names, tensor_specs
 
@@ -39,10 +40,7 @@ Specs = Mapping[str, tuple[str, tuple[int, ...]]]
 
 
 def _nbytes(code: str, shape: Sequence[int]) -> int:
-    n = DTYPES[code][1]
-    for d in shape:
-        n *= d
-    return n
+    return numel(shape) * DTYPES[code][1]
 
 
 def shard_layout(specs: Specs, max_bytes: int = SHARD_BYTES) -> dict[str, str]:
@@ -139,9 +137,8 @@ def real_merge_plan(name: str, root: str | os.PathLike, method: str = "cgm", par
     m = get_real(name)
     paths = fabricate(name, root, layouts, curvature=True, last_layers=last_layers)
     params = dict(parameters) if parameters is not None else ({"alpha_normalised": 1.0} if method == "cgm" else {})
-    merge_set = {"preset": m.preset, **({"last_layers": last_layers} if last_layers is not None else {})}
     data = {"pre_trained": str(paths["pre_trained"]), "fine_tuned": str(paths["fine_tuned"]), "method": method,
-            "parameters": params, "merge_set": merge_set,
+            "parameters": params, "merge_set": MergeSet(preset=m.preset, last_layers=last_layers).as_dict(),
             "curvature": {"pre_trained": str(paths["h_pt"]), "fine_tuned": str(paths["h_ft"])}}
     plan = plan_merge(parse_config(data, root))
     try:

@@ -154,12 +154,11 @@ def step_curvature(recipe, out: Path, tmp: Path) -> dict:
 
 
 def merge_config(recipe, out: Path, step) -> dict:
-    ms = recipe.merge_set
     return {"pre_trained": str(model_path(recipe)), "fine_tuned": str(out / "finetune" / "model"),
             "curvature": {"pre_trained": str(out / "curvature" / "h_pt"),
                           "fine_tuned": str(out / "finetune" / "h_ft")},
             "method": step.method, "parameters": dict(step.parameters),
-            "merge_set": {"preset": ms.preset, **({"last_layers": ms.last_layers} if ms.last_layers else {})}}
+            "merge_set": recipe.merge_set.as_dict()}
 
 
 def step_merge(recipe, out: Path, tmp: Path) -> dict:

@@ -35,6 +35,7 @@ ASSUMED_PEAK_FLOPS = 312e12           # dense bf16 peak of that GPU
 UTILISATION = {"finetune": 0.35, "curvature": 0.20, "evaluate": 0.10}   # fraction of peak reached
 ASSUMED_DISK_BYTES_PER_S = 1.0e9      # the merge streams at about 1 GB/s (CPU, no GPU)
 QWEN_IMAGE_SIDE = 448                 # Qwen2.5-VL sees images at their size; assume 448 x 448 pixels
+MINIATURE_IMAGE_SIDE = 32             # the miniatures' images are 32 x 32
 TEXT_TOKENS = {"okvqa": 60, "flickr30k": 70, "latex_ocr": 120, "calibration": 60}   # prompt + answer
 GENERATED_TOKENS = {"exact_match": 8, "anls": 16, "pope_accuracy": 2, "gpt_eval_score": 2}  # else 32
 # Training records per target when the data folder is not there to count: OK-VQA train2014 questions;
@@ -75,59 +76,51 @@ class StepCost:
 
 
 def real_shapes(backbone: str) -> Shapes:
-    from ..real.architectures import parameter_counts, real_config, stored_dtype
-    c = parameter_counts(backbone)
-    cfg = real_config(backbone)
+    """A real backbone's shapes from its published config on the meta device (the paper's merge set)."""
+    import torch
+    from ..io.reader import numel
+    from ..real.architectures import get_real, in_memory_shapes, merge_set_names, real_config, stored_dtype
+    shapes = in_memory_shapes(backbone)
+    return _shapes(real_config(backbone), {n: numel(s) for n, s in shapes.items()},
+                   merge_set_names(backbone, "in-memory"), get_real(backbone).vision_prefix,
+                   torch.tensor([], dtype=stored_dtype(backbone)).element_size(), QWEN_IMAGE_SIDE)
+
+
+def checkpoint_shapes(model_path: Path, merge_set) -> Shapes:
+    """A (miniature) checkpoint's shapes from its config.json and safetensors header (no weights read)."""
+    from transformers import AutoConfig
+    from ..io.layouts import canonical_names
+    from ..io.reader import DTYPES, Checkpoint
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    with Checkpoint(model_path, "model") as ck:
+        canon = canonical_names(cfg.model_type, ck.names)
+        sizes = {c: ck.info(s).numel for c, s in canon.items()}
+        width = DTYPES[ck.info(next(iter(ck.names))).dtype][1]
+    vision = "model.vision_tower." if cfg.model_type == "llava" else "model.visual."
+    return _shapes(cfg, sizes, merge_set.resolve(cfg.model_type, list(canon)), vision, width,
+                   MINIATURE_IMAGE_SIDE)
+
+
+def _shapes(cfg, sizes: Mapping[str, int], merged: Sequence[str], vision_prefix: str, bytes_per_param: int,
+            qwen_side: int) -> Shapes:
+    """Shapes from a transformers config, {in-memory name: entries} of every stored tensor and the merged
+    names. The vision tower counts its projector / merger; a LLaVA image is the CLIP tower's fixed grid, a
+    Qwen2.5-VL image `qwen_side` pixels square, its patches merged spatial_merge_size^2 to a token."""
+    from ..io.layouts import PROJECTOR_PREFIX
     text, vis = cfg.text_config, cfg.vision_config
     if cfg.model_type == "llava":
         side = vis.image_size // vis.patch_size
         patches = image_tokens = side * side
     else:
-        side = QWEN_IMAGE_SIDE // vis.patch_size
+        side = qwen_side // vis.patch_size
         patches = side * side
         image_tokens = patches // (vis.spatial_merge_size ** 2)
-    import torch
-    from ..real.architectures import in_memory_shapes, merge_set_names
-    shapes = in_memory_shapes(backbone)
-    largest = max(_numel(shapes[n]) for n in merge_set_names(backbone, "in-memory"))
-    return Shapes(c["total"], c["language_model"], c["vision_tower"] + c["projector"], c["merge_set"],
-                  text.hidden_size, text.num_hidden_layers, text.vocab_size, image_tokens, patches,
-                  torch.tensor([], dtype=stored_dtype(backbone)).element_size(), largest)
-
-
-def checkpoint_shapes(model_path: Path, merge_set) -> Shapes:
-    """A (miniature) checkpoint's shapes from its config.json and safetensors header (no weights read)."""
-    import json
-    from ..io.layouts import PROJECTOR_PREFIX, canonical_names
-    from ..io.reader import DTYPES, Checkpoint
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    mt = cfg["model_type"]
-    with Checkpoint(model_path, "model") as ck:
-        canon = canonical_names(mt, ck.names)
-        numel = {c: _numel(ck.info(s).shape) for c, s in canon.items()}
-        width = DTYPES[ck.info(next(iter(ck.names))).dtype][1]
-    vis_prefix = "model.vision_tower." if mt == "llava" else "model.visual."
-    vision = sum(n for c, n in numel.items() if c.startswith(vis_prefix) or c.startswith(PROJECTOR_PREFIX[mt]))
-    merged = merge_set.resolve(mt, list(canon))
-    text, v = cfg["text_config"], cfg["vision_config"]
-    if mt == "llava":
-        side = v["image_size"] // v["patch_size"]
-        patches = image_tokens = side * side
-    else:
-        side = 32 // v["patch_size"]                     # the miniatures' 32 x 32 images
-        patches = side * side
-        image_tokens = patches // (v["spatial_merge_size"] ** 2)
-    total = sum(numel.values())
-    return Shapes(total, total - vision, vision, sum(numel[c] for c in merged), text["hidden_size"],
-                  text["num_hidden_layers"], text["vocab_size"], image_tokens, patches, width,
-                  max(numel[c] for c in merged))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    projector = PROJECTOR_PREFIX[cfg.model_type]
+    vision = sum(n for c, n in sizes.items() if c.startswith(vision_prefix) or c.startswith(projector))
+    total = sum(sizes.values())
+    return Shapes(total, total - vision, vision, sum(sizes[c] for c in merged), text.hidden_size,
+                  text.num_hidden_layers, text.vocab_size, image_tokens, patches, bytes_per_param,
+                  max(sizes[c] for c in merged))
 
 
 def _hours(flops: float, step: str) -> float:

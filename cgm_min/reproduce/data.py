@@ -10,7 +10,6 @@ miniature and the real data go through the same batching, training, curvature an
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,26 +49,23 @@ def read_split(data_dir: str | Path, target: str, split: str, limit: int | None 
     path = split_file(data_dir, target, split)
     if not path.is_file():
         raise FileNotFoundError(f"no {target} {split} split: {path} is missing (prepare it with data_scripts)")
+    from data_scripts.real.local import iter_numbered
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                answers = tuple(str(a) for a in d["answers"])
-                if not answers or not isinstance(d["question"], str):
-                    raise ValueError
-                image = d.get("image")
-                img = None if image is None else path.parent / image
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}, line {i}: not a record with id, question, answers "
-                                 f"(a non-empty list) and image") from None
-            if img is not None and not img.is_file():
-                raise FileNotFoundError(f"{path}, line {i}: the image {image} is missing")
-            out.append(Record(str(d.get("id", i)), d["question"], answers, img, d.get("task")))
+    for i, d in iter_numbered(path.parent):
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            answers = tuple(str(a) for a in d["answers"])
+            if not answers or not isinstance(d["question"], str):
+                raise ValueError
+            image = d.get("image")
+            img = None if image is None else path.parent / image
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}, line {i}: not a record with id, question, answers "
+                             f"(a non-empty list) and image") from None
+        if img is not None and not img.is_file():
+            raise FileNotFoundError(f"{path}, line {i}: the image {image} is missing")
+        out.append(Record(str(d.get("id", i)), d["question"], answers, img, d.get("task")))
     if not out:
         raise ValueError(f"{path} holds no records")
     return out

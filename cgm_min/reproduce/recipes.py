@@ -261,7 +261,7 @@ def _merge_steps(where: str, data: Any) -> tuple[MergeStep, ...]:
     for i, m in enumerate(data):
         m = _keys(where, m, ("method", "parameters"), f"merge[{i}]")
         cfg = {"pre_trained": "pt", "fine_tuned": "ft", "method": m.get("method"),
-               "parameters": m.get("parameters") or {}, "merge_set": {"patterns": ["*"]},
+               "parameters": m.get("parameters") or {}, "merge_set": MergeSet(patterns=("*",)).as_dict(),
                "curvature": {"pre_trained": "h_pt", "fine_tuned": "h_ft"}}
         try:                                         # cgm-merge's own checks of the method and its parameters
             parse_config(cfg)

@@ -156,10 +156,18 @@ def read_split(data_dir: str | os.PathLike, target: str, split: str, check: bool
 
 
 def iter_split(folder: Path) -> Iterator[dict]:
+    """The objects of `folder`/data.jsonl, one per non-empty line, read lazily."""
+    for _, d in iter_numbered(folder):
+        yield d
+
+
+def iter_numbered(folder: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-empty line of `folder`/data.jsonl (the one parser of the
+    format); one-line ValueError naming the line that is not JSON."""
     with open(folder / DATA, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield i, json.loads(line)
                 except json.JSONDecodeError:
                     raise ValueError(f"{folder / DATA}: line {i} is not valid JSON") from None
