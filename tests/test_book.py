@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
-from book_fixtures import CHROMIUM, built_book
+from book_fixtures import CHROMIUM, built_book, chromium_or_skip
 from bs4 import BeautifulSoup
 
 from cgm_min import pipeline
@@ -181,11 +181,7 @@ def test_no_text_glitches(book):
 # --------------------------------------------------------------------------------------- in the browser
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        if os.environ.get("CGM_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
-        pytest.skip("headless chromium not installed (Debian package `chromium`)")
-    with pipeline.offline_chromium(CHROMIUM) as b:
+    with pipeline.offline_chromium(chromium_or_skip()) as b:
         yield b
 
 

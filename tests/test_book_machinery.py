@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from book_fixtures import chromium_or_skip
 
 from cgm_min import pipeline
 
@@ -117,15 +118,6 @@ def test_cli_builds_without_pdf_when_chromium_is_missing(tmp_path, monkeypatch, 
     pipeline.main(["book", "--out", str(tmp_path)])
     pipeline.main(["book", "--out", str(tmp_path), "--no-pdf"])
     assert calls == [False, True, False]
-
-
-def chromium_or_skip() -> str:
-    chromium = pipeline.find_chromium()
-    if chromium is None:
-        if os.environ.get("CGM_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
-        pytest.skip("headless chromium not installed (Debian package `chromium`)")
-    return chromium
 
 
 # A page that reaches for the network twice and has a stand-in for MathJax (print_pdf waits for it).

@@ -8,7 +8,7 @@ import re
 import unicodedata
 
 import pytest
-from book_fixtures import CHROMIUM, built_book
+from book_fixtures import built_book, chromium_or_skip
 from bs4 import BeautifulSoup
 
 from cgm_min import pipeline
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pdf(tiny_run):
-    if CHROMIUM is None:
-        if os.environ.get("CGM_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required (CGM_REQUIRE_BROWSER is set) but was not found")
-        pytest.skip("headless chromium not installed (Debian package `chromium`): the book is built without PDF")
+    chromium_or_skip("the book is built without PDF")
     try:
         import pypdf
     except ImportError:
