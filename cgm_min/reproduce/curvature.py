@@ -7,8 +7,10 @@ The calibration records are cut into micro batches in a fixed order; process r o
 Hutchinson's v * Hv, `cgm.hutchinson_diag_hessian`, whose probes are seeded by the batch's index, not by the
 process, so the estimate does not depend on how many processes share the work). The per-process sums and
 sample counts are all-reduced (accelerate.utils.reduce: NCCL on GPUs, gloo on CPUs) and divided once: the
-result equals the single-process one up to the order of float32 additions (tests/test_reproduce_curvature.py
-checks two gloo processes against one).
+result equals the single-process one up to the order of float32 additions (tests/test_reproduce_chain.py
+checks two gloo processes against one). A process's Fisher sum is one `cgm.diag_fisher` call over all its
+batches, so one float32 accumulator of the merge set exists per process (`process_sums`,
+tests/test_reproduce_curvature.py).
 """
 from __future__ import annotations
 
@@ -33,20 +35,10 @@ def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) 
     model.to(state.device)
     names = merge_set_names(model, recipe.merge_set)
     enc = mm.Encoder(processor)
-    params = dict(model.named_parameters())
-    sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=state.device) for n in names}
-    count = torch.zeros((), dtype=torch.float32, device=state.device)
     chunks = [records[i:i + cv.micro_batch] for i in range(0, len(records), cv.micro_batch)]
-    for j in range(state.process_index, len(chunks), state.num_processes):
-        batch = enc.batch(chunks[j]).to(state.device)
-        if cv.estimator == "fisher":
-            est = cgm.diag_fisher(model, [batch], names, progress=False)
-        else:
-            est = cgm.hutchinson_diag_hessian(model, [batch], cv.probes, names, seed=cv.seed * 1_000_003 + j,
-                                              progress=False)
-        for n in names:
-            sums[n] += est[n] * len(chunks[j])
-        count += len(chunks[j])
+    mine = range(state.process_index, len(chunks), state.num_processes)
+    sums = process_sums(model, enc, chunks, mine, names, cv, state.device)
+    count = torch.tensor(float(sum(len(chunks[j]) for j in mine)), device=state.device)
     if state.num_processes > 1:
         count = reduce(count, "sum")
         sums = {n: reduce(s, "sum") for n, s in sums.items()}
@@ -58,6 +50,37 @@ def measure_h_pt(recipe, model_path, records: Sequence, progress: bool = False) 
             "samples": int(count.item()), "n_per_task": cv.n_per_task, "tasks": tasks,
             "processes": state.num_processes, **({"probes": cv.probes} if cv.estimator == "hutchinson" else {})}
     return h, meta
+
+
+def process_sums(model, enc, chunks: Sequence[Sequence], mine: Sequence[int], names: Sequence[str], cv,
+                 device) -> dict[str, torch.Tensor]:
+    """{name: the sum over this process's samples} of the estimate, for the batches `chunks[j]`, j in `mine`,
+    in one float32 buffer per tensor. The Fisher is one `cgm.diag_fisher` call over all of them (its mean
+    times the sample count; batches encoded as it reaches them), so its accumulator is the only full-size
+    buffer; Hutchinson's probes are seeded per batch, one call each, added into the first call's result."""
+    batches = (enc.batch(chunks[j]).to(device) for j in mine)
+    n = sum(len(chunks[j]) for j in mine)
+    params = dict(model.named_parameters())
+    if n == 0:                                   # more processes than batches
+        return {k: torch.zeros(params[k].shape, dtype=torch.float32, device=device) for k in names}
+    if cv.estimator == "fisher":
+        sums = cgm.diag_fisher(model, batches, names, progress=False)
+        for h in sums.values():
+            h.mul_(n)
+        return sums
+    sums = None
+    for j, batch in zip(mine, batches):
+        est = cgm.hutchinson_diag_hessian(model, [batch], cv.probes, names, seed=cv.seed * 1_000_003 + j,
+                                          progress=False)
+        for h in est.values():
+            h.mul_(len(chunks[j]))
+        if sums is None:
+            sums = est
+        else:
+            for k in names:
+                sums[k] += est[k]
+        del est
+    return sums
 
 
 def calibration_records(records: Sequence, n_per_task: int, tasks: Sequence[str]) -> list:
