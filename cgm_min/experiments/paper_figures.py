@@ -154,6 +154,19 @@ def counterpart(table: int, settings: Sequence[Mapping]) -> Mapping | None:
     return found[0] if found else None
 
 
+def paper_table_of(family: str, target: str) -> int | None:
+    """The paper's Table 1-4 that a run of `family` on `target` stands beside: the table of that family whose
+    target is `target` itself (a run at the paper's scale) or is what the miniature task `target` stands for
+    (`counterpart`'s pairing); None when no table has one."""
+    for table in (1, 2, 3, 4):
+        if counterpart(table, [{"family": family, "target": target}]) is not None:
+            return table
+        where = paper_setting(table)
+        if where["family"] == family and where["target"] == target:
+            return table
+    return None
+
+
 def paper_setting(table: int) -> dict:
     """The selection of one of the paper's Tables 1-4 in `paper_results`: {"family", "target", "regime"}."""
     t = paper_results()
@@ -439,6 +452,39 @@ def column_recovery(mask: torch.Tensor, block: int = 1) -> np.ndarray:
     return patch_average(per_column[None, :], block)[0] if block > 1 else per_column
 
 
+# ----------------------------------------------------------------------------------------------
+# Panels side by side: the paper's next to ours.
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of `paired_figure`: draw(ax, source, where), titled; or, with `draw` None, a note (or
+    nothing) in an empty frame."""
+    draw: object = None
+    source: pd.DataFrame | None = None
+    where: Mapping | None = None
+    title: str = ""
+    note: str = ""
+
+
+def paired_figure(panels: Sequence[Panel], height: float, polar: bool = False, width: float = 11):
+    """A figure of `panels` in rows of two (the paper's panel on the left, ours on the right, as the caller
+    orders them); returns (fig, axes)."""
+    import matplotlib.pyplot as plt
+    panels = list(panels) + [Panel()] * (len(panels) % 2)
+    nrows = len(panels) // 2
+    fig, axes = plt.subplots(nrows, 2, figsize=(width, height * nrows), squeeze=False,
+                             subplot_kw={"projection": "polar"} if polar else {})
+    for ax, p in zip(axes.flat, panels):
+        if p.draw is None:
+            ax.axis("off")
+            if p.note:
+                ax.text(0.5, 0.5, p.note, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+            continue
+        p.draw(ax, p.source, p.where)
+        ax.set_title(p.title, fontsize=10, pad=18 if polar else 6)
+    return fig, axes
+
+
 def fig5_mask(ax, mask: torch.Tensor, variant: str, patch: int = 4, title: str | None = None,
               vmax: float | None = None):
     """Fig. 5: one method's mask, patch-averaged (white: nothing reverted; the method's colour: a share
@@ -507,6 +553,21 @@ class ScoreTable:
 
     def _repr_html_(self) -> str:
         return self.styler().to_html()
+
+    def column_groups(self, page_px: int = 600) -> list["ScoreTable"]:
+        """The table cut into column groups that each fit `page_px` pixels (a column's width estimated from
+        its longest text): the general benchmarks first, then the summary columns from Pre-Avg on."""
+        cols = list(self.text.columns)
+        cut = next((i for i, c in enumerate(cols) if "Pre-Avg" in str(c)), len(cols))
+        px = {c: 8 * max(len(str(c)), self.text[c].astype(str).str.len().max()) + 16 for c in cols}
+        groups: list[list] = []
+        for part in (cols[:cut], cols[cut:]):
+            for i, c in enumerate(part):
+                if i and sum(px[x] for x in groups[-1]) + px[c] <= page_px:
+                    groups[-1].append(c)
+                else:
+                    groups.append([c])
+        return [ScoreTable(self.values[g], self.text[g], self.marks[g], self.caption) for g in groups]
 
     def __repr__(self) -> str:
         return self.to_markdown()
