@@ -64,13 +64,19 @@ def _kernel_environment() -> None:
         os.environ["JUPYTER_PATH"] = os.pathsep.join([prefix] + [p for p in paths if p])
 
 
-def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: int = 3600, workers: int = 2
-                     ) -> Path:
+class NotebookError(RuntimeError):
+    """A notebook stopped with an exception: one line, the notebook, the cell and the exception's own line.
+    The papermill error (with the traceback) is its __cause__."""
+
+
+def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: int = 3600, workers: int = 2,
+                     params: dict | None = None) -> Path:
     """Run notebooks/<name>.md with papermill at `preset`; returns the executed notebook's path.
 
     The kernel runs in `out`, and OUT_DIR is the relative path results/<name> (CACHE_DIR the relative path
     cache), so executed notebooks name no machine paths. WORKERS is how many single-thread processes a
-    notebook may run side by side.
+    notebook may run side by side. `params` are further parameters, passed where the notebook declares them
+    (e.g. the paper-scale chapter's RECIPES and RUNS_DIR). A failing cell raises NotebookError.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
@@ -80,8 +86,12 @@ def execute_notebook(name: str, preset: str, out: Path, seed: int = 0, timeout: 
     out = Path(out).resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)
     offered = {"PRESET": preset, "SEED": seed, "OUT_DIR": f"results/{name}", "CACHE_DIR": "cache",
-               "WORKERS": workers}
-    return _papermill(src, out / "executed" / f"{name}.ipynb", out, offered, timeout)
+               "WORKERS": workers, **(params or {})}
+    import papermill
+    try:
+        return _papermill(src, out / "executed" / f"{name}.ipynb", out, offered, timeout)
+    except papermill.PapermillExecutionError as err:
+        raise NotebookError(f"{name}: cell {err.exec_count} stopped with {err.ename}: {err.evalue}") from err
 
 
 def _papermill(src: Path, target: Path, out: Path, offered: dict, timeout: int) -> Path:
@@ -213,15 +223,28 @@ def machine_paths(text: str) -> list[str]:
     return _MACHINE_PATH.findall(text)
 
 
-def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2) -> list[Path]:
+def declared_parameters(name: str) -> list[str]:
+    """The names in the `parameters` cell of notebooks/<name>.md."""
+    import jupytext
+    nb = jupytext.read(NOTEBOOK_DIR / f"{name}.md")
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    return [] if cell is None else re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", cell.source, re.M)
+
+
+def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2,
+                params: dict | None = None) -> list[Path]:
     names = only or notebook_names()
     unknown = sorted(set(names) - set(notebook_names()))
     if unknown:
         raise ValueError(f"unknown notebooks {unknown}; known: {notebook_names()}")
+    declared = {p for name in names for p in declared_parameters(name)}
+    undeclared = sorted(set(params or {}) - declared)
+    if undeclared:
+        raise ValueError(f"no notebook of {names} has a parameter {undeclared[0]!r}")
     from tqdm.auto import tqdm
     paths = []
     for name in tqdm(names, desc=f"notebooks ({preset})", unit="notebook"):
-        paths.append(execute_notebook(name, preset, out, seed, workers=workers))
+        paths.append(execute_notebook(name, preset, out, seed, workers=workers, params=params))
     return paths
 
 
@@ -470,10 +493,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="single-thread processes side by side (default 2)")
     ap.add_argument("--no-pdf", action="store_true", help="build the HTML book without the whole-book PDF "
                     "(made by default when headless Chromium is found)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a further notebook parameter, as a string (e.g. RUNS_DIR=runs); repeatable")
     args = ap.parse_args(argv)
+    try:
+        return _main(args)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:       # a failing notebook or build: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, RuntimeError) else 2
+
+
+def _main(args) -> int:
     out = Path(args.out)
+    params = {}
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+            raise ValueError(f"--param {item!r}: expected NAME=VALUE with an upper-case NAME")
+        params[name] = value
     if args.what in ("notebooks", "all"):
-        for p in execute_all(args.preset, out, args.only, args.seed, args.workers):
+        for p in execute_all(args.preset, out, args.only, args.seed, args.workers, params):
             print(f"executed {p.relative_to(out.resolve().parent) if p.is_relative_to(out.resolve().parent) else p}")
     if args.what in ("book", "all"):
         pdf = not args.no_pdf and find_chromium() is not None

@@ -111,11 +111,28 @@ def test_a_finished_chain_needs_no_model_data_or_gpu(tmp_path, monkeypatch):
 
 
 def test_the_chapter_at_preset_paper_stops_in_its_first_cell(tmp_path):
-    """Here there is neither the model nor a GPU: the notebook fails before any step, naming the model."""
-    import papermill
-    with pytest.raises(papermill.PapermillExecutionError) as err:
-        pipeline.execute_notebook("07_paper_scale", "paper", tmp_path, timeout=300)
-    assert err.value.ename == "RecipeError"
-    assert "neither a path nor a model in the local Hugging Face cache" in err.value.evalue
-    assert "plan.check_runs" in err.value.source          # the first cell after the parameters
+    """Here there is neither the model nor a GPU: the notebook fails before any step, naming the model; the
+    pipeline's command says so in one line (no traceback) and exits 1."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "cgm_min.pipeline", "notebooks", "--preset", "paper", "--only",
+                        "07_paper_scale", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 07_paper_scale: cell ") and "stopped with RecipeError" in last, r.stderr
+    assert "neither a path nor a model in the local Hugging Face cache" in last
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "results" / "07_paper_scale").exists()
+    # the error names the first cell after the parameters: the check, before any import of the chain's work
+    with pytest.raises(pipeline.NotebookError) as err:
+        pipeline.execute_notebook("07_paper_scale", "paper", tmp_path, timeout=300)
+    assert "plan.check_runs" in err.value.__cause__.source
+
+
+def test_further_parameters_must_be_declared(tmp_path):
+    assert "RUNS_DIR" in pipeline.declared_parameters("07_paper_scale")
+    with pytest.raises(ValueError, match="no notebook of \\['01_toy_quadratics'\\] has a parameter 'RUNS_DIR'"):
+        pipeline.execute_all("tiny", tmp_path, ["01_toy_quadratics"], params={"RUNS_DIR": "runs"})
+    r = pipeline.main(["notebooks", "--only", "01_toy_quadratics", "--param", "runs=x", "--out", str(tmp_path)])
+    assert r == 2
+    assert not (tmp_path / "executed").exists()
