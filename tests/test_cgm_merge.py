@@ -296,6 +296,38 @@ def test_input_hashes_are_remembered_until_a_file_changes(families, tmp_path, mo
     assert len(hashed) == len(files) + 1
 
 
+def test_curvature_then_merge_hash_each_model_file_once(tmp_path, monkeypatch):
+    """The chain's hashing: write_curvature(hash_cache=True) hashes the models through cgm-merge's cache; the
+    folder is then renamed (as the chain renames a finished step) and hash_cache_moved keeps the hashes, so
+    the merge reads neither model's weights for their hashes again, and records the same hashes."""
+    from cgm_min.io import merge_checkpoints as mc
+    from cgm_min.io.curvature_files import read_curvature_metadata, write_curvature
+    stage, final = tmp_path / ".step.partial", tmp_path / "step"
+    paths = make_family(stage, "llava")
+    hashed = []
+    real = mc.sha256_fd
+    monkeypatch.setattr(mc, "sha256_fd", lambda fd, **kw: hashed.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real(fd, **kw))
+    for role, model in (("h_pt", "pt"), ("h_ft", "ft")):
+        h = load_file(paths[role] / "model.safetensors")
+        write_curvature(h, paths[model], stage / f"{role}-cached", {"kind": role}, hash_cache=True)
+    weights = {m: paths[m] / "model.safetensors" for m in ("pt", "ft")}
+    assert sorted(hashed) == sorted(str(w) for w in weights.values())        # each model once
+    stage.rename(final)
+    assert mc.hash_cache_moved(stage, final) == 2
+    moved = {k: final / v.relative_to(stage) for k, v in paths.items()}
+    hashed.clear()
+    cfg = write_config(tmp_path / "m.yaml", {**moved, "h_pt": final / "h_pt-cached", "h_ft": final / "h_ft-cached"},
+                       "cgm", {"alpha": 0.5}, PRESET["llava"])
+    rec = merge_checkpoints(cfg, tmp_path / "merged", progress=False, log=lambda *_: None)
+    assert hashed and not set(hashed) & {str(moved[m] / "model.safetensors") for m in ("pt", "ft")}
+    for model, role in (("pt", "pre_trained"), ("ft", "fine_tuned")):
+        digest = rec["inputs"][role]["files"]["model.safetensors"]["sha256"]
+        assert digest == sha256_file(moved[model] / "model.safetensors")
+        meta = read_curvature_metadata(final / ("h_pt-cached" if model == "pt" else "h_ft-cached"))
+        assert meta["model_files"] == {"model.safetensors": digest}
+
+
 def test_presets_select_what_merge_param_names_selects(models):
     from cgm_min.world import models as mm
     assert mm.LAYER_PREFIX == LAYER_PREFIX

@@ -33,6 +33,15 @@ def two_processes():
     return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """The chain's hash cache (cgm-merge's) in this module's own file, never in the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CGM_MERGE_HASH_CACHE", str(tmp_path_factory.mktemp("hashes") / "sha256.json"))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     out = tmp_path_factory.mktemp("chain") / "tiny"
@@ -50,6 +59,11 @@ def test_whole_chain(chain):
         done = json.loads((out / step / "done.json").read_text())
         assert done["step"] == step and done["recipe"] == "tiny-llava-corners"
     assert not list(out.glob(".*.partial"))
+    # the models were hashed for h_pt and h_ft through cgm-merge's cache; the fine-tuned model's hashes
+    # followed its folder out of .finetune.partial, where the merge found them
+    cache = json.loads(Path(os.environ["CGM_MERGE_HASH_CACHE"]).read_text())
+    assert os.path.realpath(out / "finetune" / "model" / "model.safetensors") in cache
+    assert not [k for k in cache if ".partial" in k]
     h_ft = read_curvature_metadata(out / "finetune" / "h_ft")
     assert h_ft["kind"] == "h_ft" and h_ft["samples"] == 8 * 16          # every sample of 8 steps of 16
     h_pt = read_curvature_metadata(out / "curvature" / "h_pt")

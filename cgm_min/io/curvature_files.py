@@ -31,9 +31,17 @@ from .reader import Checkpoint
 from .writer import sha256_file, write_tensors
 
 
-def model_hash(ckpt: Checkpoint) -> tuple[str, dict[str, str]]:
-    """(one SHA-256 for the model's weights, {file name: SHA-256} of its weight files)."""
-    files = {p.name: sha256_file(p) for p in ckpt.weight_files()}
+def model_hash(ckpt: Checkpoint, cache: bool = False) -> tuple[str, dict[str, str]]:
+    """(one SHA-256 for the model's weights, {file name: SHA-256} of its weight files). `cache`: through
+    cgm-merge's hash cache (`merge_checkpoints.cached_sha256`), so a merge of this model reads the files
+    for their hashes no second time."""
+    paths = ckpt.weight_files()
+    if cache:
+        from .merge_checkpoints import cached_sha256
+        digests = cached_sha256(paths)
+    else:
+        digests = [sha256_file(p) for p in paths]
+    files = {p.name: h for p, h in zip(paths, digests)}
     text = "".join(f"{name} {h}\n" for name, h in sorted(files.items()))
     return hashlib.sha256(text.encode()).hexdigest(), files
 
@@ -58,9 +66,11 @@ class _Float32(Mapping):
 
 
 def write_curvature(curv: Mapping[str, torch.Tensor], model: str | os.PathLike, out_dir: str | os.PathLike,
-                    meta: Mapping[str, object] | None = None, overwrite: bool = False) -> Path:
+                    meta: Mapping[str, object] | None = None, overwrite: bool = False,
+                    hash_cache: bool = False) -> Path:
     """Write the curvature dict `curv` ({name: tensor}, in-memory or stored names) into the folder `out_dir`
-    in the shard layout of the checkpoint at `model`. Tensors are fetched from `curv` one at a time."""
+    in the shard layout of the checkpoint at `model`. Tensors are fetched from `curv` one at a time.
+    `hash_cache`: hash the model's files through cgm-merge's hash cache (see `model_hash`)."""
     from .merge_checkpoints import read_model_config
     model = Path(model)
     with Checkpoint(model, "model") as ck:
@@ -78,7 +88,7 @@ def write_curvature(curv: Mapping[str, torch.Tensor], model: str | os.PathLike, 
             if tuple(curv[key_of[n]].shape) != ck.info(n).shape:
                 raise ValueError(f"curvature of {n} has shape {list(curv[key_of[n]].shape)}, the model's tensor "
                                  f"{list(ck.info(n).shape)}")
-        digest, files = model_hash(ck)
+        digest, files = model_hash(ck, hash_cache)
         header = {**(meta or {}), "model_sha256": digest, "model_files": files}
         metadata = {k: json.dumps(v) for k, v in header.items()}
         shard_of = {n: ck.info(n).file.name for n in order} if ck.sharded else None

@@ -42,7 +42,9 @@ How a merge runs (one tensor at a time; never a whole model or curvature dict in
      cgm_merge.json (config, versions, SHA-256 of every input and output file, per-tensor statistics,
      the verification) is added and the folder is renamed to OUT_DIR.
 SHA-256 hashes of the weight shards are computed as they are written, other hashes by a background thread
-while the merge runs; input hashes are remembered across runs (`Hasher`). The output is deterministic: the same config gives the same bytes in every file (no
+while the merge runs; input hashes are remembered across runs (`Hasher`; `cached_sha256` is the same cache
+for other callers, e.g. `write_curvature(hash_cache=True)` in the reproduction chain, so the chain reads each
+model's weights once for their hashes). The output is deterministic: the same config gives the same bytes in every file (no
 time is recorded, and paths only as the config gives them).
 """
 from __future__ import annotations
@@ -424,13 +426,7 @@ class Hasher:
         self.stop = threading.Event()
         self.jobs: dict[tuple, concurrent.futures.Future] = {}
         self.cache_path = hash_cache_path()
-        self.cache: dict[str, list] = {}
-        if self.cache_path is not None and self.cache_path.is_file():
-            try:
-                loaded = json.loads(self.cache_path.read_text())
-                self.cache = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
-                self.cache = {}
+        self.cache = _read_hash_cache(self.cache_path)
         self.fresh: dict[str, list] = {}
 
     @staticmethod
@@ -474,13 +470,72 @@ class Hasher:
             self.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=cancel)
         if self.fresh and not cancel and self.cache_path is not None:
-            try:
-                from ..report import atomic_write
-                merged = {**self.cache, **self.fresh}
-                atomic_write(self.cache_path, lambda tmp: Path(tmp).write_text(json.dumps(merged)))
-            except OSError:
-                pass                 # a cache that cannot be written only costs time next run
+            _write_hash_cache(self.cache_path, {**_read_hash_cache(self.cache_path), **self.fresh})
             self.fresh = {}
+
+    def digests(self, paths: Sequence[str | os.PathLike]) -> list[str]:
+        """The SHA-256 of each input file, from the cache where its stamp still matches."""
+        keys = [("in", os.path.realpath(p)) for p in paths]
+        for key, p in zip(keys, paths):
+            self.add(key, Path(p))
+        return [self.result(key) for key in keys]
+
+
+def _read_hash_cache(path: Path | None) -> dict[str, list]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _write_hash_cache(path: Path, cache: Mapping[str, list]) -> None:
+    try:
+        from ..report import atomic_write
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
+    except OSError:
+        pass                         # a cache that cannot be written only costs time next run
+
+
+def cached_sha256(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """SHA-256 of files through the merge's hash cache (`Hasher`): a file hashed here is not read again when
+    it is merged (or hashed here) later, while its size, mtime, inode and device stay the same."""
+    hasher = Hasher()
+    done = False
+    try:
+        out = hasher.digests(paths)
+        done = True
+        return out
+    finally:
+        hasher.close(cancel=not done)
+
+
+def hash_cache_moved(old: str | os.PathLike, new: str | os.PathLike) -> int:
+    """After the folder `old` was renamed to `new`: its files' remembered hashes move to their new paths (a
+    rename keeps each file's stamp, but the cache is keyed by path), each kept only where the file at the
+    new path has the recorded stamp. Returns how many moved."""
+    path = hash_cache_path()
+    if path is None:
+        return 0
+    cache = _read_hash_cache(path)
+    src, dst = os.path.realpath(old), os.path.realpath(new)
+    matched = [k for k in cache if k.startswith(src + os.sep)]
+    if not matched:
+        return 0
+    moved: dict[str, list] = {}
+    for key in matched:
+        entry = cache.pop(key)
+        target = dst + key[len(src):]
+        try:
+            stamp = Hasher._stamp(os.stat(target))
+        except OSError:
+            continue
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp:
+            moved[target] = entry
+    _write_hash_cache(path, {**cache, **moved})
+    return len(moved)
 
 
 # ----------------------------------------------------------------------------------------------

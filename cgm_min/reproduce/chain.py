@@ -207,6 +207,7 @@ STEP_FUNCS: dict[str, Callable] = {"data": step_data, "finetune": step_finetune,
 
 def run_step(recipe, out: Path, step: str, log=print) -> bool:
     """Run one step unless it is done; returns whether it ran. Collective steps run on every process."""
+    from ..io.merge_checkpoints import hash_cache_moved
     state = process_state()
     out = Path(out)
     if is_done(out, step, recipe):
@@ -239,6 +240,7 @@ def run_step(recipe, out: Path, step: str, log=print) -> bool:
                 "seconds": time.perf_counter() - t0, "summary": summary}
         (tmp / DONE).write_text(json.dumps(done, indent=1))
         tmp.rename(out / step)
+        hash_cache_moved(tmp, out / step)       # the files hashed in the hidden folder keep their hashes
         log(f"{step}: done in {done['seconds']:.1f} s")
     state.wait_for_everyone()
     return True

@@ -97,5 +97,7 @@ def calibration_records(records: Sequence, n_per_task: int, tasks: Sequence[str]
 
 
 def write_h_pt(h, meta, model_path, out_dir: Path) -> Path:
+    """h_pt in the model's shard layout; the model's files are hashed through cgm-merge's hash cache, so the
+    chain's merges do not hash them again."""
     from ..io.curvature_files import write_curvature
-    return write_curvature(h, model_path, out_dir, meta)
+    return write_curvature(h, model_path, out_dir, meta, hash_cache=True)

@@ -281,7 +281,7 @@ def finetune(recipe, model_path, records: Sequence, out_dir: str | Path, progres
         if h is not None:
             meta = {"kind": "h_ft", "estimator": "empirical_fisher_during_training", "samples": n_h,
                     "recipe": recipe.name, "target": recipe.target}
-            write_curvature(h, out_dir / "model", out_dir / "h_ft", meta)
+            write_curvature(h, out_dir / "model", out_dir / "h_ft", meta, hash_cache=True)
         (out_dir / "log.json").write_text(json.dumps(log, indent=1))
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)        # Trainer's output_dir (nothing saved)
     acc.wait_for_everyone()
