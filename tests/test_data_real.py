@@ -397,6 +397,22 @@ def test_export_miniature(tmp_path):
         export_miniature("corners", "test", tmp_path / "x")
 
 
+def test_export_miniature_splits(tmp_path):
+    """Several splits of one task in one target with one manifest; each split as export_miniature writes it."""
+    from data_scripts.real import export_miniature_splits
+    export_miniature_splits("corners", {"train": 3, "heldout": 2}, tmp_path / "a")
+    m = verify(tmp_path / "a", "corners")
+    assert m["splits"] == {"train": 3, "heldout": 2}
+    assert m["source"] == "cgm_min.world.tasks: corners, split train, 3 samples; split heldout, 2 samples, world_seed 0"
+    for split, n in m["splits"].items():
+        export_miniature("corners", split, tmp_path / split, n=n)
+        assert read_split(tmp_path / "a", "corners", split) == read_split(tmp_path / split, "corners", split)
+    assert verify(tmp_path / "train", "corners")["source"] == "cgm_min.world.tasks: corners, split train, 3 samples, world_seed 0"
+    with pytest.raises(ValueError, match="split must be one of"):
+        export_miniature_splits("corners", {"train": 1, "test": 1}, tmp_path / "x")
+    assert not (tmp_path / "x" / "corners").exists()
+
+
 def test_build_mini_data_still_loads():
     from cgm_min.pipeline import load_data_script
     assert callable(load_data_script("build_mini_data").build)

@@ -59,6 +59,13 @@ def test_whole_chain(chain):
         done = json.loads((out / step / "done.json").read_text())
         assert done["step"] == step and done["recipe"] == "tiny-llava-corners"
     assert not list(out.glob(".*.partial"))
+    # the tiny data: one verifiable target per task, manifest included (nothing else left in OUT/data)
+    from data_scripts.real import verify
+    general = ["colour", "shape", "position", "presence", "count", "addition", "choice", "digit"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(["corners", "calibration", *general, "done.json"])
+    assert verify(out / "data", "corners")["splits"] == {"train": 128, "heldout": 16}
+    assert verify(out / "data", "calibration")["splits"] == {"calibration": 4 * 8}
+    assert all(verify(out / "data", t)["splits"] == {"heldout": 16} for t in general)
     # the models were hashed for h_pt and h_ft through cgm-merge's cache; the fine-tuned model's hashes
     # followed its folder out of .finetune.partial, where the merge found them
     cache = json.loads(Path(os.environ["CGM_MERGE_HASH_CACHE"]).read_text())

@@ -10,7 +10,8 @@ recipe is refused (one line), never mixed.
 
     data        paper: the data folder's target and calibration set verified against their manifests
                 (data_scripts.real.verify); tiny: the miniature target (train + held-out), every general
-                task (held-out) and the calibration set exported into OUT/data in the same local format
+                task (held-out) and the calibration set exported into OUT/data in the same local format, each
+                target with its manifest (data_scripts.real.verify checks it)
     finetune    OUT/finetune/model (checkpoint), OUT/finetune/h_ft (curvature files), log.json
     curvature   OUT/curvature/h_pt: h_pt at w_pt on the calibration set (every process of accelerate launch)
     merge       OUT/merge/<label>/: one cgm-merge output per merge of the recipe (cgm-merge's Python API)
@@ -113,21 +114,22 @@ def step_data(recipe, out: Path, tmp: Path) -> dict:
 
 
 def export_tiny(recipe, tmp: Path) -> dict:
-    """The miniature tasks in the local format (`data_scripts.real.export_miniature`): the target's train split
-    (finetune.max_samples records), the evaluated split of the target and of every general task
+    """The miniature tasks in the local format (`data_scripts.real.export_miniature_splits`): the target's
+    train split (finetune.max_samples records), the evaluated split of the target and of every general task
     (evaluate.limit records each), and the calibration set (curvature.n_per_task records of every general
-    task, with their task names). Each (task, split) is exported alone and moved into TASK/SPLIT."""
-    from data_scripts.real import export_miniature
+    task, with their task names). Each task is written with all its splits as one target, manifest included,
+    so `data_scripts.real.verify` checks OUT/data as it checks a prepared data folder."""
+    from data_scripts.real import export_miniature_splits
     n_train = recipe.finetune.max_samples or 256
     n_eval = recipe.evaluate.limit or 32
     parts = [(recipe.target, "train", n_train), ("calibration", "calibration", recipe.curvature.n_per_task)]
     parts += [(t.task, recipe.evaluate.split, n_eval) for t in (recipe.evaluate.target, *recipe.evaluate.general)]
-    for i, (task, split, n) in enumerate(parts):
-        stage = tmp / f".part{i}"
-        export_miniature(task, split, stage, n=n)
-        (tmp / task).mkdir(exist_ok=True)
-        (stage / task / split).rename(tmp / task / split)
-        shutil.rmtree(stage)
+    targets: dict[str, dict[str, int]] = {}
+    for task, split, n in parts:
+        splits = targets.setdefault(task, {})
+        splits[split] = max(n, splits.get(split, 0))
+    for task, splits in targets.items():
+        export_miniature_splits(task, splits, tmp)
     return {"train": n_train, "eval_per_task": n_eval, "calibration_per_task": recipe.curvature.n_per_task}
 
 

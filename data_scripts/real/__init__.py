@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 from .local import TARGETS, read_manifest, read_split, verify, write_target
-from .miniature import export_miniature
+from .miniature import export_miniature, export_miniature_splits
 from .sources import SUITES, read_source
 
-__all__ = ["TARGETS", "prepare", "verify", "read_split", "read_manifest", "write_target", "export_miniature"]
+__all__ = ["TARGETS", "prepare", "verify", "read_split", "read_manifest", "write_target", "export_miniature",
+           "export_miniature_splits"]
 
 
 def prepare(target: str, source: str | os.PathLike, data_dir: str | os.PathLike, overwrite: bool = False,
