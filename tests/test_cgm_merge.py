@@ -163,6 +163,26 @@ def test_reads_around_the_page_cache_and_small_stages(llama, tmp_path, monkeypat
         assert info["sha256"] == sha256_file(tmp_path / "out" / name), name
 
 
+def test_copies_reuse_the_readers_direct_descriptors(llama, tmp_path, monkeypatch):
+    """Tensors outside the merge set are copied through the reader's cached O_DIRECT descriptor (one per
+    input file, opened once), not a new one per tensor; the output stays the reference's, bit for bit."""
+    from cgm_min.io import reader, writer
+    monkeypatch.setattr(writer, "COPY_BYTES", 3 * writer.PAGE)     # every copied tensor takes the O_DIRECT path
+    monkeypatch.setattr(reader, "MIN_DIRECT", 0)
+    monkeypatch.setattr(reader, "is_cached", lambda fd, offset, nbytes: False)
+    opened = {"reader": [], "writer": []}
+    for mod, key in ((reader, "reader"), (writer, "writer")):
+        real = mod.open_direct
+        monkeypatch.setattr(mod, "open_direct", lambda *a, _r=real, _k=key, **k: opened[_k].append(a) or _r(*a, **k))
+    cfg = write_config(tmp_path / "m.yaml", llama, "cgm", {"alpha": 0.8}, {"patterns": ["model.layers.1.*"]})
+    record = merge_checkpoints(cfg, tmp_path / "out", progress=False, log=lambda *_: None)
+    check_equal_to_reference(tmp_path / "out", llama, None, "cgm", {"alpha": 0.8}, record)
+    assert record["verification"]["unchanged_identical"] > 0         # tensors were copied
+    assert [a for a in opened["writer"] if len(a) == 1] == []        # no O_DIRECT source opened per copy
+    paths = [str(a[0]) for a in opened["reader"]]
+    assert any(p.startswith(str(llama["ft"])) for p in paths) and len(paths) == len(set(paths))   # once a file
+
+
 def test_a_declined_block_is_rewritten_by_the_reference(llama, tmp_path, monkeypatch):
     """Curvature near the float32 limit in a later block of a tensor: the kernel declines, the reference
     (which accepts it) rewrites the tensor from its first byte."""
@@ -256,7 +276,7 @@ def test_verification_catches_a_wrong_tensor_outside_the_merge_set(families, tmp
     paths = families["llava", "original"]
     cfg = write_config(tmp_path / "m.yaml", paths, "linear", {"lam": 0.25})
 
-    def wrong_copy(self, name, src_fd, src_offset):          # writes zeros instead of copying the bytes
+    def wrong_copy(self, name, src_fd, src_offset, *src_dfd):   # writes zeros instead of copying the bytes
         n = self.offsets[name][1] - self.offsets[name][0]
         return self.write_tensor(name, torch.zeros(n // 4))
     monkeypatch.setattr(ShardWriter, "copy_tensor", wrong_copy)

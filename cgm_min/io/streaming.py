@@ -230,7 +230,8 @@ class ShardStreamer:
                 if job.last:
                     done(tp, stats)
             elif job.kind == "copy":
-                self._submit(sw.copy_tensor, tp.name, self.ck["ft"].fd(tp.name), tp.ft.start)
+                src = self.ck["ft"].file_of(tp.name)     # its O_DIRECT descriptor opened here, kept open
+                self._submit(sw.copy_tensor, tp.name, src.fd, tp.ft.start, src.dfd)
                 done(tp, None)
             else:
                 if job.kind == "whole":

@@ -194,13 +194,16 @@ class ShardWriter:
         self.end()
         return n
 
-    def copy_tensor(self, name: str, src_fd: int, src_offset: int) -> int:
+    def copy_tensor(self, name: str, src_fd: int, src_offset: int, src_dfd: int | None = None) -> int:
         """Write the next tensor by copying its bytes from another file, in pieces of COPY_BYTES read into a
-        reused buffer (around the page cache where they are not in it, as Checkpoint reads)."""
+        reused buffer (around the page cache where they are not in it, as Checkpoint reads). `src_dfd`: an
+        O_DIRECT descriptor of the source the caller keeps open (a reader's cached one); without it, one is
+        opened for this tensor and closed after."""
         n = self.begin(name)
         if self._copy is None:
             self._copy = Buffer()
-        dfd = open_direct(src_fd) if n >= COPY_BYTES // 4 else None
+        own = src_dfd is None and n >= COPY_BYTES // 4
+        dfd = (open_direct(src_fd) if own else src_dfd) if n >= COPY_BYTES // 4 else None
         try:
             done = 0
             while done < n:
@@ -210,7 +213,7 @@ class ShardWriter:
                 self.write(self._copy.view[head:head + k])
                 done += k
         finally:
-            if dfd is not None:
+            if own and dfd is not None:
                 os.close(dfd)
         return n
 
