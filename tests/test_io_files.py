@@ -269,3 +269,31 @@ def test_kill_9_leaves_nothing_half_written(tmp_path, when):
         with AtomicOutputDir(work / "out") as out:            # the next run removes the stale staging folder
             out.write_text("a", "b")
         assert listing(work) == ["out"]
+
+
+def test_atomic_dir_takes_a_tree(tmp_path):
+    """tree(): a named staging folder that takes folders and files by path and another writer's atomic
+    folder, alongside files made with create(); committed whole, or removed on an error. A fixed staging
+    name (shared by processes) is cleared of what an interrupted run left; a bad one is refused."""
+    (tmp_path / ".out.partial" / "old").mkdir(parents=True)          # an interrupted run's leftovers
+    with AtomicOutputDir(tmp_path / "out", staging_name=".out.partial") as out:
+        folder = out.tree()
+        assert folder == tmp_path / ".out.partial" and listing(folder) == []
+        (folder / "a" / "b").mkdir(parents=True)
+        (folder / "a" / "b" / "c.json").write_text("{}")
+        with AtomicOutputDir(folder / "inner") as inner:
+            inner.write_text("x.txt", "x")
+        out.write_text("top.txt", "t")
+        assert not (tmp_path / "out").exists()
+    assert listing(tmp_path) == ["out"]
+    assert listing(tmp_path / "out") == ["a", "inner", "top.txt"]
+    assert (tmp_path / "out" / "a" / "b" / "c.json").read_text() == "{}"
+    assert (tmp_path / "out" / "inner" / "x.txt").read_text() == "x"
+    with pytest.raises(RuntimeError):
+        with AtomicOutputDir(tmp_path / "two") as out:
+            (out.tree() / "sub").mkdir()
+            raise RuntimeError("boom")
+    assert listing(tmp_path) == ["out"]
+    for bad in ("partial", "a/.b", ".."):
+        with pytest.raises(ValueError, match="staging_name"):
+            AtomicOutputDir(tmp_path / "three", staging_name=bad)

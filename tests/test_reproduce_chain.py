@@ -223,3 +223,34 @@ def test_gpu_check_script(tmp_path):
     assert set(g["steps"]) == set(STEPS)
     for o in g["h_ft_overhead"].values():
         assert o["steps_each"] == {"plain": 1, "h_ft": 1} and o["median_step_s"]["h_ft"] > 0
+
+
+def test_a_step_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """run_step through AtomicOutputDir's tree staging: a failing step leaves nothing (an interrupted run's
+    hidden folder is cleared first), a finished one appears with its tree and done.json, and is skipped next."""
+    from cgm_min.reproduce import chain
+    from cgm_min.reproduce.recipes import load_recipe
+    recipe = load_recipe(RECIPE)
+    out = tmp_path / "out"
+    (out / ".data.partial" / "stale").mkdir(parents=True)         # what an interrupted run left
+
+    def failing(recipe, out, tmp):
+        assert sorted(os.listdir(tmp)) == []
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+
+    def tree(recipe, out, tmp):
+        (tmp / "t" / "u").mkdir(parents=True)
+        (tmp / "t" / "u" / "f.txt").write_text("1")
+        return {"made": 1}
+    monkeypatch.setitem(chain.STEP_FUNCS, "data", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        chain.run_step(recipe, out, "data", log=lambda *_: None)
+    assert os.listdir(out) == []
+    (out / ".data.partial").mkdir()
+    monkeypatch.setitem(chain.STEP_FUNCS, "data", tree)
+    assert chain.run_step(recipe, out, "data", log=lambda *_: None) is True
+    assert os.listdir(out) == ["data"] and (out / "data" / "t" / "u" / "f.txt").read_text() == "1"
+    done = json.loads((out / "data" / chain.DONE).read_text())
+    assert set(done) == {"step", "recipe", "recipe_sha256", "seconds", "summary"} and done["summary"] == {"made": 1}
+    assert chain.is_done(out, "data", recipe) and chain.run_step(recipe, out, "data", log=lambda *_: None) is False

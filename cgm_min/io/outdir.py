@@ -7,6 +7,10 @@
         ...                                       # (verify the staged folder: out.staging)
     # leaving the block without an exception renames the staged folder to OUT_DIR; with one, removes it
 
+    with AtomicOutputDir("runs/x/merge", staging_name=".merge.partial") as out:
+        folder = out.tree()                       # a named hidden folder: write any tree into it by path
+        (folder / "a").mkdir(); (folder / "a" / "b.json").write_text("{}")
+
 Files are created with O_TMPFILE in OUT_DIR's parent folder: until `stage()` links them into the hidden
 staging folder `.<name>.cgm-tmp-<pid>` they have no name, so a process killed at any point of the long
 writing phase (kill -9 included) leaves nothing behind: the kernel frees unnamed files with their last
@@ -14,6 +18,12 @@ descriptor. Only a kill between `stage()` and the final rename (the verification
 folder, with complete files in it; the next `AtomicOutputDir` beside it removes staging folders whose
 process is gone. Where O_TMPFILE is not supported, files are created by name in the staging folder
 from the start (the same clean-up then covers a kill during writing).
+
+A tree (folders, files written by path, other writers' output folders) goes into the staging folder that
+`tree()` names and returns; such files have names from the start, so a kill can leave that folder behind:
+it is removed by the next `AtomicOutputDir` of the same OUT_DIR (a staging folder of a dead process, or the
+fixed `staging_name` one, which several processes of one run can share, as the reproduction chain's
+processes share a step's folder).
 
 An existing OUT_DIR is refused unless `overwrite=True`; it is then replaced only at the very end (renamed
 aside, the new folder renamed in, the old one removed). Files are not fsync'ed: a power cut may lose data,
@@ -55,7 +65,12 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
 
 
 class AtomicOutputDir:
-    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, staging_name: str | None = None):
+        """`staging_name`: a fixed name for the hidden staging folder beside OUT_DIR (default
+        .<name>.cgm-tmp-<pid>), for a folder that several processes write into."""
+        if staging_name is not None and (not staging_name.startswith(".") or "/" in staging_name
+                                         or staging_name in (".", "..")):
+            raise ValueError(f"staging_name must be a hidden file name, got {staging_name!r}")
         self.out = Path(os.path.abspath(out_dir))
         self.overwrite = overwrite
         if self.out.exists() or self.out.is_symlink():
@@ -64,7 +79,9 @@ class AtomicOutputDir:
             if not overwrite:
                 raise FileExistsError(f"output folder {self.out} exists; pass --overwrite to replace it")
         self.parent = self.out.parent
-        self.staging = self.parent / STAGING.format(name=self.out.name, pid=os.getpid())
+        self.staging = self.parent / (staging_name or STAGING.format(name=self.out.name, pid=os.getpid()))
+        self._fixed = staging_name is not None
+        self._prepared = False
         self._made_parents: list[Path] = []
         self._fds: dict[str, int] = {}
         self._named: set[str] = set()
@@ -89,13 +106,32 @@ class AtomicOutputDir:
         if not self.staging.exists():
             self.staging.mkdir()
 
+    def _prepare(self) -> None:
+        """Before the first file: OUT_DIR's parent made, what earlier runs left removed (staging folders of
+        processes that are gone; a fixed staging folder whatever made it)."""
+        if self._prepared:
+            return
+        self._ensure_parent()
+        remove_stale(self.parent, self.out.name)
+        if self._fixed and (self.staging.exists() or self.staging.is_symlink()):
+            if self.staging.is_dir() and not self.staging.is_symlink():
+                shutil.rmtree(self.staging)
+            else:
+                self.staging.unlink()
+        self._prepared = True
+
+    def tree(self) -> Path:
+        """The staging folder, created now: write files and folders into it by path (or let other code write
+        its output folders there); `commit` renames it to OUT_DIR with everything in it."""
+        self._prepare()
+        self._ensure_staging()
+        return self.staging
+
     def create(self, name: str) -> int:
         """A new, empty file `name` open for reading and writing; returns its file descriptor."""
         if name in self._fds or "/" in name or name in ("", ".", ".."):
             raise ValueError(f"cannot create output file {name!r}")
-        if not self._fds and not self._named:
-            self._ensure_parent()
-            remove_stale(self.parent, self.out.name)
+        self._prepare()
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
         if self._tmpfile:
             try:

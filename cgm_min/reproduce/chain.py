@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -208,8 +207,12 @@ STEP_FUNCS: dict[str, Callable] = {"data": step_data, "finetune": step_finetune,
 # Running.
 
 def run_step(recipe, out: Path, step: str, log=print) -> bool:
-    """Run one step unless it is done; returns whether it ran. Collective steps run on every process."""
+    """Run one step unless it is done; returns whether it ran. Collective steps run on every process: they
+    share the step's hidden folder (io.outdir.AtomicOutputDir with a fixed staging name), which the main
+    process creates (removing what an interrupted run left), renames into place with done.json, or removes
+    when the step fails."""
     from ..io.merge_checkpoints import hash_cache_moved
+    from ..io.outdir import AtomicOutputDir
     state = process_state()
     out = Path(out)
     if is_done(out, step, recipe):
@@ -220,10 +223,9 @@ def run_step(recipe, out: Path, step: str, log=print) -> bool:
     if missing:
         raise ValueError(f"step {step} needs {', '.join(missing)}: run that step first")
     tmp = out / f".{step}.partial"
-    if state.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)                    # what an interrupted run left
-        tmp.mkdir(parents=True)
+    target = AtomicOutputDir(out / step, staging_name=tmp.name) if state.is_main_process else None
+    if target is not None:
+        target.tree()
     state.wait_for_everyone()
     if step not in COLLECTIVE and not state.is_main_process:
         state.wait_for_everyone()
@@ -234,14 +236,14 @@ def run_step(recipe, out: Path, step: str, log=print) -> bool:
     try:
         summary = STEP_FUNCS[step](recipe, out, tmp)
     except BaseException:
-        if state.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if target is not None:
+            target.abort()
         raise
-    if state.is_main_process:
+    if target is not None:
         done = {"step": step, "recipe": recipe.name, "recipe_sha256": recipe_sha256(recipe),
                 "seconds": time.perf_counter() - t0, "summary": summary}
         (tmp / DONE).write_text(json.dumps(done, indent=1))
-        tmp.rename(out / step)
+        target.commit()
         hash_cache_moved(tmp, out / step)       # the files hashed in the hidden folder keep their hashes
         log(f"{step}: done in {done['seconds']:.1f} s")
     state.wait_for_everyone()
