@@ -202,8 +202,9 @@ class ShardWriter:
         n = self.begin(name)
         if self._copy is None:
             self._copy = Buffer()
-        own = src_dfd is None and n >= COPY_BYTES // 4
-        dfd = (open_direct(src_fd) if own else src_dfd) if n >= COPY_BYTES // 4 else None
+        large = n >= COPY_BYTES // 4                 # smaller ones are read through the page cache
+        own = large and src_dfd is None
+        dfd = (open_direct(src_fd) if own else src_dfd) if large else None
         try:
             done = 0
             while done < n:
