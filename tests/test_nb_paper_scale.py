@@ -37,7 +37,7 @@ def test_it_ran_the_tiny_recipes_chains(tiny_run, m):
         for step in chain.STEPS:
             done = json.loads((chain_folder(tiny_run, name) / step / chain.DONE).read_text())
             assert done["recipe"] == name
-            assert m["seconds"][name][step] == pytest.approx(done["seconds"], abs=0.01)
+            assert m["seconds"][name][step] == pytest.approx(done["seconds"], abs=0.051)   # shown to 0.1 s
 
 
 def test_its_table_is_the_chains_tables(tiny_run, m, table):
