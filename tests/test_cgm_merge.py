@@ -397,6 +397,12 @@ def test_curvature_subcommand_writes_the_model_layout(tmp_path):
     assert set(h) == {canonical_name("qwen2_5_vl", n) for n in stored}
     assert all(torch.equal(stored[n], h[canonical_name("qwen2_5_vl", n)]) for n in stored)
     assert run(main, argv) == 2                                                    # exists: refused
+    # the model's file hashes are remembered for the merge that follows (the per-test hash cache)
+    cache = json.loads(Path(os.environ["CGM_MERGE_HASH_CACHE"]).read_text())
+    weights = [os.path.realpath(p) for p in Path(src).glob("*.safetensors")]
+    assert weights and set(weights) <= set(cache), cache
+    from cgm_min.io.writer import sha256_file
+    assert all(cache[w][4] == sha256_file(w) for w in weights)
 
 
 def test_hub_ids_resolve_from_the_local_cache_only(families, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def curvature_main(argv: Sequence[str]) -> int:
     torch.set_num_threads(o.threads)
     h, meta = measure_curvature(o.model, tasks, n, o.n_layers, progress=True)
     meta["model"] = o.model
-    path = write_curvature(h, o.model, o.out, meta, o.overwrite)
+    path = write_curvature(h, o.model, o.out, meta, o.overwrite, hash_cache=True)   # a later merge reuses the hash
     print(f"{path}: {meta['kind']} of {len(h)} tensors from {meta['samples']} samples")
     return 0
 

@@ -196,19 +196,15 @@ class AtomicOutputDir:
         self._fds = {}
 
     def commit(self) -> Path:
-        """Rename the staged folder to OUT_DIR (replacing an existing one when overwrite=True)."""
+        """Rename the staged folder to OUT_DIR (replacing an existing one when overwrite=True, through
+        `report.replace_dir`: the old folder is put back if the new one cannot be renamed in)."""
+        from ..report import replace_dir
         if not self.staged:
             self.stage()
         self._close_fds()
-        old = None
-        if self.out.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"output folder {self.out} appeared while merging; nothing was replaced")
-            old = self.parent / f".{self.out.name}.cgm-old-{os.getpid()}"
-            os.rename(self.out, old)
-        os.rename(self.staging, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"output folder {self.out} appeared while merging; nothing was replaced")
+        replace_dir(self.staging, self.out)
         self.done = True
         return self.out
 
