@@ -224,11 +224,14 @@ def machine_paths(text: str) -> list[str]:
 
 
 def declared_parameters(name: str) -> list[str]:
-    """The names in the `parameters` cell of notebooks/<name>.md."""
+    """The names in the `parameters` cell of notebooks/<name>.md, as papermill reads them (the same
+    inspection `_papermill` uses to pick the parameters it passes)."""
     import jupytext
-    nb = jupytext.read(NOTEBOOK_DIR / f"{name}.md")
-    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
-    return [] if cell is None else re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", cell.source, re.M)
+    import papermill
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / f"{name}.ipynb"
+        jupytext.write(jupytext.read(NOTEBOOK_DIR / f"{name}.md"), plain)
+        return list(papermill.inspect_notebook(str(plain)))
 
 
 def execute_all(preset: str, out: Path, only: list[str] | None = None, seed: int = 0, workers: int = 2,
